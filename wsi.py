@@ -1,0 +1,639 @@
+"""Whole-slide images: opening slides, tissue masks and their cache, the random tissue-patch
+sampler with augmentation, slide labels, and the demo-slide maker. No TensorFlow here:
+dataset.WSIDataset wraps PatchSampler in tf.data.
+
+Geometry: at LOD k a patch is `resolution >> k` pixels read at `downsample << k`, so every LOD
+covers the same field of view of `resolution * downsample` level-0 pixels.
+"""
+
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import os
+import queue
+import threading
+
+import cv2
+import numpy as np
+import openslide
+import tifffile
+from tqdm import tqdm
+
+MASK_MAX_SIZE = 2000          # long side of the thumbnail a tissue mask is computed on
+MASK_BLUR_SIGMA = 2.0         # thumbnail pixels
+MASK_ERODE_SIZE = 5           # thumbnail pixels; keeps patch centres off the tissue edge
+MIN_TISSUE_CONTRAST = 20      # grey levels between background and tissue, else Otsu split noise
+MIN_TISSUE_SATURATION_GAP = 20
+MASK_ALGORITHM_VERSION = 1    # part of the cache key: bump when the mask recipe changes
+
+MAX_CONSECUTIVE_FAILURES = 5  # failed reads in a row before a slide is dropped
+MAX_ATTEMPTS_PER_PATCH = 50
+BLANK_PEAK_TO_PEAK = 10       # a read region this flat is a failed read, not tissue
+MAX_OPEN_HANDLES_PER_THREAD = 64
+
+
+class NoUsableSlidesError(ValueError):
+    pass
+
+
+class BlankRegionError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding slides, labels.
+
+def find_slides(slide_dir, wsi_ext='.svs', recursive=False):
+    """Sorted paths of files in slide_dir whose extension is wsi_ext (str or list, any case)."""
+    if not os.path.isdir(slide_dir):
+        raise NoUsableSlidesError(f'Slide folder does not exist: {slide_dir}')
+    exts = [wsi_ext] if isinstance(wsi_ext, str) else list(wsi_ext)
+    exts = tuple(e.lower() if e.startswith('.') else '.' + e.lower() for e in exts)
+    paths = []
+    for root, dirs, files in os.walk(slide_dir):
+        paths += [os.path.join(root, f) for f in files if f.lower().endswith(exts)]
+        if not recursive:
+            break
+    return sorted(paths)
+
+
+def read_label_csv(label_file):
+    """{slide name: class} from a CSV of (slide file name, class) rows; a header row is
+    recognised by its first field not naming a slide (checked later) and is returned as-is."""
+    with open(label_file, newline='', encoding='utf-8-sig') as f:
+        rows = [r for r in csv.reader(f) if r and any(field.strip() for field in r)]
+    bad = [r for r in rows if len(r) < 2]
+    if bad:
+        raise ValueError(f'{label_file}: every row needs a slide name and a class, got {bad[0]}')
+    return [(r[0].strip(), r[1].strip()) for r in rows]
+
+
+def assign_classes(slide_paths, slide_dir, label_rows, label_file):
+    """Class index per slide (-1 = no label) and the sorted class names. A slide is named in
+    the CSV by its path relative to slide_dir, its file name, or its file name without
+    extension. The first row is a header when it names no slide."""
+    keys = {}
+    for i, path in enumerate(slide_paths):
+        rel = os.path.relpath(path, slide_dir)
+        name = os.path.basename(path)
+        for key in (rel, name, os.path.splitext(name)[0]):
+            keys.setdefault(key, i)
+    if label_rows and label_rows[0][0] not in keys:
+        label_rows = label_rows[1:]
+    class_names = sorted({c for _, c in label_rows})
+    class_of = {c: k for k, c in enumerate(class_names)}
+    indices = np.full(len(slide_paths), -1, np.int64)
+    for name, cls in label_rows:
+        if name in keys:
+            indices[keys[name]] = class_of[cls]
+    return indices, class_names
+
+
+# ----------------------------------------------------------------------------------------------
+# Tissue masks and their cache.
+
+def default_mask_cache_dir():
+    root = os.environ.get('WSI_PROGAN_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'wsi-progan')
+    return os.path.join(root, 'masks')
+
+
+def mask_cache_path(slide_path, cache_dir):
+    """Cache file for a slide's mask, keyed by absolute path, size and mtime so a replaced
+    slide gets a new mask."""
+    st = os.stat(slide_path)
+    key = f'{os.path.abspath(slide_path)}\0{st.st_size}\0{st.st_mtime_ns}\0{MASK_ALGORITHM_VERSION}'
+    return os.path.join(cache_dir, hashlib.sha1(key.encode('utf-8', 'surrogateescape')).hexdigest() + '.png')
+
+
+def compute_tissue_mask(thumbnail_rgb):
+    """uint8 0/1 mask: blurred grey thumbnail darker than its Otsu threshold, eroded; all zero
+    when the two Otsu classes differ too little in brightness and saturation to be tissue."""
+    grey = cv2.cvtColor(thumbnail_rgb, cv2.COLOR_RGB2GRAY)
+    grey = cv2.GaussianBlur(grey, (0, 0), MASK_BLUR_SIGMA)
+    threshold, _ = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    tissue = grey < threshold
+    if not tissue.any() or tissue.all():
+        return np.zeros(grey.shape, np.uint8)
+    saturation = cv2.cvtColor(thumbnail_rgb, cv2.COLOR_RGB2HSV)[..., 1]
+    contrast = grey[~tissue].mean() - grey[tissue].mean()
+    saturation_gap = saturation[tissue].mean() - saturation[~tissue].mean()
+    if contrast < MIN_TISSUE_CONTRAST and saturation_gap < MIN_TISSUE_SATURATION_GAP:
+        return np.zeros(grey.shape, np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (MASK_ERODE_SIZE, MASK_ERODE_SIZE))
+    return cv2.erode(tissue.astype(np.uint8), kernel)
+
+
+def write_png(path, image):
+    """PNG via a temporary name (atomic, never a truncated file; any path encoding)."""
+    ok, buf = cv2.imencode('.png', image)
+    tmp = f'{path}.{os.getpid()}.{threading.get_ident()}.tmp'
+    with open(tmp, 'wb') as f:
+        f.write(buf.tobytes())
+    os.replace(tmp, path)
+
+
+def read_png(path, flags=cv2.IMREAD_UNCHANGED):
+    with open(path, 'rb') as f:
+        return cv2.imdecode(np.frombuffer(f.read(), np.uint8), flags)
+
+
+def load_or_build_mask(handle, slide_path, cache_dir):
+    """(mask, cache warning or None): from the cache when present, else computed and cached."""
+    cache_path = mask_cache_path(slide_path, cache_dir)
+    if os.path.exists(cache_path):
+        mask = read_png(cache_path, cv2.IMREAD_GRAYSCALE)
+        if mask is not None:
+            return mask, None
+    thumbnail = np.asarray(handle.get_thumbnail((MASK_MAX_SIZE, MASK_MAX_SIZE)).convert('RGB'))
+    mask = compute_tissue_mask(thumbnail)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        write_png(cache_path, mask)
+        return mask, None
+    except OSError as e:
+        return mask, f'could not cache its mask in {cache_dir} ({e})'
+
+
+# ----------------------------------------------------------------------------------------------
+# Slide inspection.
+
+@dataclasses.dataclass
+class SlideInfo:
+    path: str
+    problem: str = None             # why the slide is unusable, None if usable
+    warning: str = None             # usable, but worth telling
+    vendor: str = ''
+    mpp: float = None
+    level_dimensions: tuple = ()
+    level_downsamples: tuple = ()
+    tissue_fraction: float = 0.0
+    mask_shape: tuple = (0, 0)
+    tissue_index: np.ndarray = None  # flat indices of tissue pixels in the mask
+    mask_scale: tuple = (1.0, 1.0)  # level-0 pixels per mask pixel (x, y)
+    class_index: int = -1
+
+    @property
+    def dimensions(self):
+        return self.level_dimensions[0]
+
+    @property
+    def tissue_area(self):
+        return len(self.tissue_index) * self.mask_scale[0] * self.mask_scale[1]
+
+    def mask(self):
+        mask = np.zeros(self.mask_shape, np.uint8)
+        mask.flat[self.tissue_index] = 1
+        return mask
+
+
+def inspect_slide(path, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_view=None):
+    """Open a slide, load or build its tissue mask, and say whether it is usable and why not.
+    field_of_view: level-0 pixels a patch covers; a smaller slide is unusable."""
+    info = SlideInfo(path)
+    try:
+        handle = openslide.OpenSlide(path)
+    except (openslide.OpenSlideError, OSError) as e:
+        info.problem = f'OpenSlide cannot open it ({type(e).__name__}: {e})'
+        return info
+    try:
+        props = handle.properties
+        info.vendor = props.get(openslide.PROPERTY_NAME_VENDOR, '')
+        info.mpp = float(props[openslide.PROPERTY_NAME_MPP_X]) if openslide.PROPERTY_NAME_MPP_X in props else None
+        info.level_dimensions = tuple(handle.level_dimensions)
+        info.level_downsamples = tuple(handle.level_downsamples)
+        width, height = info.dimensions
+        if field_of_view is not None and min(width, height) < field_of_view:
+            info.problem = (f'slide is {width}x{height} px, smaller than the {field_of_view}-px '
+                            f'field of view of a patch at every LOD')
+            return info
+        mask, info.warning = load_or_build_mask(handle, path, mask_cache_dir or default_mask_cache_dir())
+    except (openslide.OpenSlideError, OSError) as e:
+        info.problem = f'reading it failed ({type(e).__name__}: {e})'
+        return info
+    finally:
+        handle.close()
+    info.mask_shape = mask.shape
+    info.tissue_index = np.flatnonzero(mask).astype(np.int64)
+    info.tissue_fraction = len(info.tissue_index) / mask.size
+    info.mask_scale = (width / mask.shape[1], height / mask.shape[0])
+    if info.tissue_fraction == 0:
+        info.problem = 'no tissue found (background only)'
+    elif info.tissue_fraction < min_tissue_fraction:
+        info.problem = f'tissue covers {info.tissue_fraction:.2%} of it, below min_tissue_fraction {min_tissue_fraction:.2%}'
+    return info
+
+
+def inspect_slides(paths, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_view=None,
+                   num_threads=None, progress=True):
+    """inspect_slide over many slides in parallel (OpenSlide and OpenCV release the GIL)."""
+    num_threads = num_threads or os.cpu_count() or 1
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        jobs = pool.map(lambda p: inspect_slide(p, mask_cache_dir, min_tissue_fraction, field_of_view), paths)
+        return list(tqdm(jobs, total=len(paths), desc='Tissue masks', unit='slide', disable=not progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and augmenting patches.
+
+def clamp_top_left(centre, field_of_view, slide_size):
+    """Top-left corner of a field_of_view window centred near `centre`, moved inside the slide."""
+    return tuple(int(min(max(round(c - field_of_view / 2), 0), size - field_of_view))
+                 for c, size in zip(centre, slide_size))
+
+
+def read_patch(handle, centre, field_of_view, size):
+    """HWC uint8 RGB patch of size x size covering field_of_view level-0 pixels around centre,
+    read from the best pyramid level, composited onto white, resized with INTER_AREA."""
+    downsample = field_of_view / size
+    # Slack for level downsamples like 4.0003 from odd level sizes, which would otherwise
+    # push the read to the next finer (4x larger) level.
+    level = handle.get_best_level_for_downsample(downsample * 1.01)
+    read_size = max(1, round(field_of_view / handle.level_downsamples[level]))
+    top_left = clamp_top_left(centre, field_of_view, handle.dimensions)
+    rgba = np.asarray(handle.read_region(top_left, level, (read_size, read_size)))
+    rgb = composite_on_white(rgba)
+    if np.ptp(rgb) < BLANK_PEAK_TO_PEAK:
+        raise BlankRegionError(f'blank region at {top_left} level {level}')
+    if read_size != size:
+        interpolation = cv2.INTER_AREA if read_size > size else cv2.INTER_CUBIC
+        rgb = cv2.resize(rgb, (size, size), interpolation=interpolation)
+    return rgb
+
+
+def composite_on_white(rgba):
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha[..., None].astype(np.float32) / 255
+    return (rgba[..., :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
+
+
+HUE_SHIFT_MAX = 8             # of 180 OpenCV hue units (about +-16 degrees)
+LIGHTNESS_GAMMA_LOG_MAX = 0.25
+WARP_GRID = 4                 # control points per side of the random displacement grid
+WARP_MAX_SHIFT = 0.03         # of the patch size
+
+
+def augment_colour(rgb, rng):
+    """Random hue shift in HSV, then a random gamma on LAB lightness (lookup tables)."""
+    identity = np.arange(256, dtype=np.uint8)
+    hue = ((identity.astype(np.int32) + round(rng.uniform(-HUE_SHIFT_MAX, HUE_SHIFT_MAX))) % 180).astype(np.uint8)
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    hsv = cv2.LUT(hsv, np.stack([hue, identity, identity], -1)[:, None, :])
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    gamma = np.exp(rng.uniform(-LIGHTNESS_GAMMA_LOG_MAX, LIGHTNESS_GAMMA_LOG_MAX))
+    lightness = np.round(255 * (identity / 255.0) ** gamma).astype(np.uint8)
+    lab = cv2.LUT(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB), np.stack([lightness, identity, identity], -1)[:, None, :])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def augment_warp(rgb, rng):
+    """Smooth random warp: a coarse grid of random displacements interpolated bilinearly (a
+    piecewise warp) and applied with cv2.remap."""
+    size = rgb.shape[0]
+    grid = rng.uniform(-WARP_MAX_SHIFT * size, WARP_MAX_SHIFT * size, (2, WARP_GRID, WARP_GRID)).astype(np.float32)
+    dx, dy = (cv2.resize(g, (size, size), interpolation=cv2.INTER_LINEAR) for g in grid)
+    coords = np.arange(size, dtype=np.float32)
+    return cv2.remap(rgb, coords[None, :] + dx, coords[:, None] + dy, cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REFLECT_101)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler.
+
+class PatchSampler:
+    """Random tissue patches from a folder of slides, read by a persistent thread pool.
+
+    sample(lod, count) -> (uint8 [count, 3, r, r], int64 [count] class index or -1),
+    r = resolution >> lod read at downsample << lod.
+    """
+
+    def __init__(self, slide_dir, wsi_ext='.svs', resolution=512, downsample=4,
+                 label_file=None, max_label_size=0, recursive=False, mask_cache_dir=None,
+                 augment=0.0, rotate90=False, min_tissue_fraction=0.01, weight_by_tissue=False,
+                 num_threads=None, seed=None, log=print):
+        self.resolution_log2 = int(np.log2(resolution))
+        if resolution != 2 ** self.resolution_log2 or resolution < 4:
+            raise ValueError(f'resolution must be a power of two >= 4, got {resolution}')
+        self.resolution = resolution
+        self.downsample = downsample
+        self.field_of_view = resolution * downsample
+        self.shape = [3, resolution, resolution]
+        self.augment = float(augment)
+        self.rotate90 = rotate90
+        self.num_threads = num_threads or os.cpu_count() or 1
+        self.log = log
+        self.mask_cache_dir = mask_cache_dir or default_mask_cache_dir()
+
+        paths = find_slides(slide_dir, wsi_ext, recursive)
+        if not paths:
+            raise NoUsableSlidesError(f'No files with extension {wsi_ext} in {slide_dir}')
+        infos = inspect_slides(paths, self.mask_cache_dir, min_tissue_fraction, self.field_of_view, self.num_threads)
+        self._apply_labels(infos, slide_dir, label_file, max_label_size)
+        self._report_problems(slide_dir, infos)
+        self.slides = [info for info in infos if info.problem is None]
+        self.slide_paths = [info.path for info in self.slides]
+        self.max_lod = self.resolution_log2 - 2   # field of view is the same at every LOD
+
+        weights = np.array([s.tissue_area if weight_by_tissue else 1.0 for s in self.slides])
+        self._slide_cdf = np.cumsum(weights / weights.sum())
+        self._active = np.ones(len(self.slides), bool)
+        self._consecutive_failures = np.zeros(len(self.slides), np.int64)
+        self._lock = threading.Lock()
+        self._rng = np.random.default_rng(seed)
+        self._local = threading.local()
+        self._thread_handles = []   # every thread's handle cache, so close() can close them
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix='wsi-reader')
+
+    def _apply_labels(self, infos, slide_dir, label_file, max_label_size):
+        self.class_names = []
+        self.label_size = 0
+        if label_file is None or max_label_size == 0:
+            return
+        indices, self.class_names = assign_classes([i.path for i in infos], slide_dir, read_label_csv(label_file), label_file)
+        self.label_size = len(self.class_names) if max_label_size == 'full' else min(len(self.class_names), max_label_size)
+        for info, index in zip(infos, indices):
+            info.class_index = int(index)
+            if index < 0 and info.problem is None:
+                info.problem = f'no class for it in {label_file}'
+
+    def _report_problems(self, slide_dir, infos):
+        for info in infos:
+            if info.warning:
+                self.log(f'Warning: {info.path}: {info.warning}')
+            if info.problem:
+                self.log(f'Warning: leaving out {info.path}: {info.problem}')
+        if all(info.problem for info in infos):
+            listing = '\n'.join(f'  {info.path}: {info.problem}' for info in infos)
+            raise NoUsableSlidesError(f'No usable slide in {slide_dir}:\n{listing}')
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def patch_size(self, lod):
+        if not 0 <= lod <= self.max_lod:
+            raise ValueError(f'lod must be in 0..{self.max_lod}, got {lod}')
+        return self.resolution >> lod
+
+    def sample(self, lod, count):
+        size = self.patch_size(lod)
+        images = np.empty([count, 3, size, size], np.uint8)
+        classes = np.empty([count], np.int64)
+        bounds = np.linspace(0, count, min(count, 2 * self.num_threads) + 1).astype(int)
+        with self._lock:
+            seeds = self._rng.integers(2 ** 63, size=len(bounds) - 1)
+        jobs = [self._pool.submit(self._fill, images, classes, begin, end, size, seed)
+                for begin, end, seed in zip(bounds[:-1], bounds[1:], seeds)]
+        for job in jobs:
+            job.result()
+        return images, classes
+
+    def batches(self, lod, minibatch, prefetch=4):
+        """Endless (images, class indices) minibatches, read ahead into a bounded queue."""
+        ready = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+
+        def produce():
+            while not stop.is_set():
+                try:
+                    item = self.sample(lod, minibatch)
+                except Exception as e:   # handed to the consumer, raised there
+                    item = e
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if isinstance(item, Exception):
+                    return
+
+        producer = threading.Thread(target=produce, daemon=True, name='wsi-prefetch')
+        producer.start()
+        try:
+            while True:
+                item = ready.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            producer.join()
+
+    def labels_onehot(self, class_indices):
+        class_indices = np.asarray(class_indices)
+        onehot = np.zeros([len(class_indices), self.label_size], np.float32)
+        rows = np.flatnonzero((class_indices >= 0) & (class_indices < self.label_size))
+        onehot[rows, class_indices[rows]] = 1
+        return onehot
+
+    def random_labels(self, count):
+        with self._lock:
+            slides = self._choose_slides(self._rng, count)
+        return self.labels_onehot([self.slides[i].class_index for i in slides])
+
+    def read_patch_at(self, slide_index, centre, lod):
+        """Patch (HWC uint8, no augmentation) centred at level-0 `centre` (x, y) on a slide."""
+        handle = self._handle(self.slides[slide_index].path)
+        return read_patch(handle, centre, self.field_of_view, self.patch_size(lod))
+
+    def write_overview(self, out_dir, boxes_per_slide=8, max_size=1000):
+        """One PNG per slide: thumbnail, tissue-mask outline (green), sampled patch boxes (red)."""
+        os.makedirs(out_dir, exist_ok=True)
+        rng = np.random.default_rng(0)
+        paths = []
+        for index, slide in enumerate(self.slides):
+            with openslide.OpenSlide(slide.path) as handle:
+                picture = np.asarray(handle.get_thumbnail((max_size, max_size)).convert('RGB')).copy()
+            scale = picture.shape[1] / slide.dimensions[0]
+            mask = cv2.resize(slide.mask(), (picture.shape[1], picture.shape[0]), interpolation=cv2.INTER_NEAREST)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(picture, contours, -1, (0, 200, 0), 2)
+            for _ in range(boxes_per_slide):
+                x0, y0 = clamp_top_left(self._random_centre(slide, rng), self.field_of_view, slide.dimensions)
+                corner = (round(x0 * scale), round(y0 * scale))
+                far = (round((x0 + self.field_of_view) * scale), round((y0 + self.field_of_view) * scale))
+                cv2.rectangle(picture, corner, far, (220, 0, 0), 2)
+            path = os.path.join(out_dir, f'overview-{index:03d}-{os.path.basename(slide.path)}.png')
+            write_png(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+            paths.append(path)
+        return paths
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for handles in self._thread_handles:
+                for handle in handles.values():
+                    handle.close()
+                handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _fill(self, images, classes, begin, end, size, seed):
+        rng = np.random.default_rng(seed)
+        for i in range(begin, end):
+            patch, slide_index = self._read_random_patch(rng, size)
+            patch = self._augment(patch, rng)
+            images[i] = patch.transpose(2, 0, 1)
+            classes[i] = self.slides[slide_index].class_index
+
+    def _read_random_patch(self, rng, size):
+        """A patch from a random tissue location; failed reads are retried elsewhere, and a
+        slide failing MAX_CONSECUTIVE_FAILURES times in a row is dropped."""
+        for _ in range(MAX_ATTEMPTS_PER_PATCH):
+            slide_index = self._choose_slides(rng, 1)[0]
+            slide = self.slides[slide_index]
+            try:
+                patch = read_patch(self._handle(slide.path), self._random_centre(slide, rng), self.field_of_view, size)
+            except (openslide.OpenSlideError, OSError, BlankRegionError) as e:
+                self._record_failure(slide_index, e)
+                continue
+            self._consecutive_failures[slide_index] = 0
+            return patch, slide_index
+        raise RuntimeError(f'{MAX_ATTEMPTS_PER_PATCH} reads in a row failed; see the warnings above')
+
+    def _choose_slides(self, rng, count):
+        active = self._active
+        if not active.any():
+            raise RuntimeError('Every slide has been dropped after failed reads; see the warnings above')
+        chosen = np.searchsorted(self._slide_cdf, rng.random(count), side='right').clip(max=len(active) - 1)
+        for i in np.flatnonzero(~active[chosen]):   # redraw the dropped ones among the rest
+            weights = np.diff(self._slide_cdf, prepend=0) * active
+            chosen[i] = rng.choice(len(active), p=weights / weights.sum())
+        return chosen
+
+    @staticmethod
+    def _random_centre(slide, rng):
+        """Level-0 (x, y) of a random tissue mask pixel, jittered within that pixel."""
+        y, x = divmod(int(slide.tissue_index[rng.integers(len(slide.tissue_index))]), slide.mask_shape[1])
+        return ((x + rng.random()) * slide.mask_scale[0], (y + rng.random()) * slide.mask_scale[1])
+
+    def _augment(self, patch, rng):
+        if self.augment > 0 and rng.random() < self.augment:
+            patch = augment_warp(augment_colour(patch, rng), rng)
+        if self.rotate90:
+            patch = np.rot90(patch, rng.integers(4))
+        return patch
+
+    def _handle(self, path):
+        """This thread's open handle for a slide (a small LRU per thread)."""
+        handles = getattr(self._local, 'handles', None)
+        if handles is None:
+            handles = self._local.handles = collections.OrderedDict()
+            with self._lock:
+                self._thread_handles.append(handles)
+        handle = handles.pop(path, None) or openslide.OpenSlide(path)
+        handles[path] = handle
+        if len(handles) > MAX_OPEN_HANDLES_PER_THREAD:
+            handles.popitem(last=False)[1].close()
+        return handle
+
+    def _record_failure(self, slide_index, error):
+        # An OpenSlide handle is unusable after an error: close it, reopen on the next read.
+        handles = getattr(self._local, 'handles', {})
+        path = self.slides[slide_index].path
+        if path in handles:
+            handles.pop(path).close()
+        with self._lock:
+            self._consecutive_failures[slide_index] += 1
+            failures = self._consecutive_failures[slide_index]
+            if failures == 1:
+                self.log(f'Warning: reading {path} failed, resampling elsewhere ({type(error).__name__}: {error})')
+            if failures >= MAX_CONSECUTIVE_FAILURES and self._active[slide_index]:
+                self._active[slide_index] = False
+                self.log(f'Warning: dropping {path} after {failures} failed reads in a row')
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing slides: pyramidal tiled JPEG TIFFs, and the demo slides.
+
+def _jpeg_tiles(rgb, tile, quality):
+    """JPEG bytes of each tile, row by row, edge tiles padded with white. cv2 encodes YCbCr
+    JPEG, which OpenSlide decodes correctly from a Photometric=RGB TIFF."""
+    height, width = rgb.shape[:2]
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            block = rgb[y:y + tile, x:x + tile]
+            if block.shape[:2] != (tile, tile):
+                block = cv2.copyMakeBorder(block, 0, tile - block.shape[0], 0, tile - block.shape[1],
+                                           cv2.BORDER_CONSTANT, value=(255, 255, 255))
+            ok, buf = cv2.imencode('.jpg', cv2.cvtColor(block, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+            yield buf.tobytes()
+
+
+def write_pyramidal_tiff(path, rgb, tile=256, aperio=False, mpp=0.25, app_mag=40, level_factor=2,
+                         quality=90, min_level_size=None):
+    """Tiled JPEG pyramid OpenSlide opens: aperio=True writes an Aperio .svs-style description
+    (vendor 'aperio', with MPP), otherwise a generic tiled TIFF. Levels shrink by level_factor
+    until the long side is <= min_level_size (default: the tile size)."""
+    min_level_size = min_level_size or tile
+    levels = [np.ascontiguousarray(rgb)]
+    while max(levels[-1].shape[:2]) > min_level_size and min(levels[-1].shape[:2]) >= 2 * level_factor:
+        h, w = levels[-1].shape[:2]
+        levels.append(cv2.resize(levels[-1], (w // level_factor, h // level_factor), interpolation=cv2.INTER_AREA))
+    height, width = rgb.shape[:2]
+    description = (f'Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) '
+                   f'JPEG/RGB Q={quality}|AppMag = {app_mag}|MPP = {mpp}') if aperio else None
+    with tifffile.TiffWriter(path) as tif:
+        for i, level in enumerate(levels):
+            tif.write(_jpeg_tiles(level, tile, quality), shape=level.shape, dtype=np.uint8, tile=(tile, tile),
+                      compression='jpeg', photometric='rgb', subfiletype=0 if i == 0 else 1,
+                      description=description if i == 0 else None, metadata=None)
+
+
+DEMO_SLIDES = [  # file name, width, height, level factor, number of tissue blobs
+    ('demo-aperio-large.svs', 6144, 4096, 4, 4),
+    ('demo-aperio-small.svs', 3072, 2048, 2, 2),
+    ('demo-generic.tif', 4096, 3072, 2, 3),
+]
+
+
+def demo_tissue_image(width, height, rng, num_blobs=3, background=(242, 239, 244)):
+    """Near-white background with smooth random tissue blobs textured from scikit-image's
+    immunohistochemistry image (randomly flipped/rotated 512-px tiles)."""
+    import skimage.data
+    texture = skimage.data.immunohistochemistry()
+    tile = texture.shape[0]
+    canvas = np.empty((height + tile, width + tile, 3), np.uint8)
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            canvas[y:y + tile, x:x + tile] = np.rot90(texture, rng.integers(4))[:, ::rng.choice([1, -1])]
+    texture = (canvas[:height, :width] * np.float32(0.85)).astype(np.uint8)  # pale stain reads as tissue
+    alpha = cv2.resize(_blob_field(width // 32, height // 32, rng, num_blobs), (width, height),
+                       interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    noise = rng.normal(0, 1.5, (height // 4, width // 4, 3)).astype(np.float32)
+    plain = (np.float32(background) + cv2.resize(noise, (width, height))).clip(0, 255).astype(np.uint8)
+    return cv2.blendLinear(texture, plain, alpha, 1 - alpha)
+
+
+def _blob_field(width, height, rng, num_blobs):
+    """float32 in [0, 1]: a few random ellipses with wobbly edges, soft at the boundary."""
+    field = np.zeros((height, width), np.float32)
+    for _ in range(num_blobs):
+        centre = (int(rng.uniform(0.2, 0.8) * width), int(rng.uniform(0.2, 0.8) * height))
+        axes = (int(rng.uniform(0.12, 0.3) * width), int(rng.uniform(0.12, 0.3) * height))
+        cv2.ellipse(field, centre, axes, rng.uniform(0, 180), 0, 360, 1.0, -1)
+    wobble = cv2.GaussianBlur(rng.normal(0, 1, field.shape).astype(np.float32), (0, 0), 3) * 6
+    field = cv2.GaussianBlur(field, (0, 0), 2) + wobble * 0.3
+    return ((field - 0.5) * 4 + 0.5).clip(0, 1)
+
+
+def create_demo_slides(out_dir, seed=1000, log=print):
+    """Write the demo slides (deterministic from seed) into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name, width, height, level_factor, num_blobs in DEMO_SLIDES:
+        path = os.path.join(out_dir, name)
+        rgb = demo_tissue_image(width, height, rng, num_blobs)
+        write_pyramidal_tiff(path, rgb, aperio=name.endswith('.svs'), level_factor=level_factor)
+        log(f'Wrote {path} ({width}x{height})')
+        paths.append(path)
+    return paths
