@@ -270,19 +270,18 @@ def composite_on_white(rgba):
     return (rgba[..., :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
 
 
-HUE_SHIFT_MAX = 8             # of 180 OpenCV hue units (about +-16 degrees)
+HUE_SHIFT_MAX = 11            # of 256 hue units in OpenCV's HSV_FULL (about +-16 degrees)
 LIGHTNESS_GAMMA_LOG_MAX = 0.25
 WARP_GRID = 4                 # control points per side of the random displacement grid
 WARP_MAX_SHIFT = 0.03         # of the patch size
 
 
 def augment_colour(rgb, rng):
-    """Random hue shift in HSV, then a random gamma on LAB lightness (lookup tables)."""
+    """Random hue shift in HSV, then a random gamma on LAB lightness."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)
+    hsv[..., 0] += np.uint8(rng.integers(-HUE_SHIFT_MAX, HUE_SHIFT_MAX + 1) % 256)  # uint8 wraps: a hue rotation
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
     identity = np.arange(256, dtype=np.uint8)
-    hue = ((identity.astype(np.int32) + round(rng.uniform(-HUE_SHIFT_MAX, HUE_SHIFT_MAX))) % 180).astype(np.uint8)
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    hsv = cv2.LUT(hsv, np.stack([hue, identity, identity], -1)[:, None, :])
-    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     gamma = np.exp(rng.uniform(-LIGHTNESS_GAMMA_LOG_MAX, LIGHTNESS_GAMMA_LOG_MAX))
     lightness = np.round(255 * (identity / 255.0) ** gamma).astype(np.uint8)
     lab = cv2.LUT(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB), np.stack([lightness, identity, identity], -1)[:, None, :])
@@ -291,13 +290,13 @@ def augment_colour(rgb, rng):
 
 def augment_warp(rgb, rng):
     """Smooth random warp: a coarse grid of random displacements interpolated bilinearly (a
-    piecewise warp) and applied with cv2.remap."""
+    piecewise warp) and applied with cv2.remap (fixed-point maps: about 2x faster)."""
     size = rgb.shape[0]
     grid = rng.uniform(-WARP_MAX_SHIFT * size, WARP_MAX_SHIFT * size, (2, WARP_GRID, WARP_GRID)).astype(np.float32)
     dx, dy = (cv2.resize(g, (size, size), interpolation=cv2.INTER_LINEAR) for g in grid)
     coords = np.arange(size, dtype=np.float32)
-    return cv2.remap(rgb, coords[None, :] + dx, coords[:, None] + dy, cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_REFLECT_101)
+    map_xy, map_fraction = cv2.convertMaps(coords[None, :] + dx, coords[:, None] + dy, cv2.CV_16SC2)
+    return cv2.remap(rgb, map_xy, map_fraction, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
 
 # ----------------------------------------------------------------------------------------------
