@@ -1,0 +1,344 @@
+"""Helpers without TensorFlow graph code: pickles, images, logging, result directories."""
+
+import glob
+import io
+import os
+import pickle
+import re
+import runpy
+import shutil
+import sys
+
+import numpy as np
+import PIL.Image
+
+import config
+
+# ----------------------------------------------------------------------------
+# Pickles. Snapshots are written to a temporary name, flushed to disk and renamed, so a crash
+# never leaves a truncated pickle under the final name.
+
+
+def load_pkl(filename):
+    with open(filename, 'rb') as file:
+        return pickle.load(file, encoding='latin1')
+
+
+def save_pkl(obj, filename):
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    atomic_write_bytes(filename, data)
+
+
+def atomic_write_bytes(filename, data):
+    tmp_name = '%s.tmp-%d' % (filename, os.getpid())
+    try:
+        with open(tmp_name, 'wb') as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, filename)
+    finally:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+
+
+# ----------------------------------------------------------------------------
+# Images.
+
+
+def adjust_dynamic_range(data, drange_in, drange_out):
+    """Map data linearly from drange_in to drange_out (numpy arrays and TF tensors alike)."""
+    if drange_in != drange_out:
+        scale = (np.float32(drange_out[1]) - np.float32(drange_out[0])) / (
+            np.float32(drange_in[1]) - np.float32(drange_in[0]))
+        bias = np.float32(drange_out[0]) - np.float32(drange_in[0]) * scale
+        data = data * scale + bias
+    return data
+
+
+def create_image_grid(images, grid_size=None):
+    """Tile NCHW (or NHW) images into one CHW image, row by row."""
+    assert images.ndim == 3 or images.ndim == 4
+    num, img_w, img_h = images.shape[0], images.shape[-1], images.shape[-2]
+    if grid_size is not None:
+        grid_w, grid_h = tuple(grid_size)
+    else:
+        grid_w = max(int(np.ceil(np.sqrt(num))), 1)
+        grid_h = max((num - 1) // grid_w + 1, 1)
+    grid = np.zeros(list(images.shape[1:-2]) + [grid_h * img_h, grid_w * img_w], dtype=images.dtype)
+    for idx in range(min(num, grid_w * grid_h)):
+        x = (idx % grid_w) * img_w
+        y = (idx // grid_w) * img_h
+        grid[..., y:y + img_h, x:x + img_w] = images[idx]
+    return grid
+
+
+def convert_to_pil_image(image, drange=[0, 1]):
+    """A CHW (or HW) image in drange as a PIL image."""
+    assert image.ndim == 2 or image.ndim == 3
+    if image.ndim == 3:
+        if image.shape[0] == 1:
+            image = image[0]
+        else:
+            image = image.transpose(1, 2, 0)
+    image = adjust_dynamic_range(image, drange, [0, 255])
+    image = np.rint(image).clip(0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(image, 'RGB' if image.ndim == 3 else 'L')
+
+
+def save_image(image, filename, drange=[0, 1], quality=95):
+    img = convert_to_pil_image(image, drange)
+    if '.jpg' in filename:
+        img.save(filename, 'JPEG', quality=quality, optimize=True)
+    else:
+        img.save(filename)
+
+
+def save_image_grid(images, filename, drange=[0, 1], grid_size=None):
+    convert_to_pil_image(create_image_grid(images, grid_size), drange).save(filename)
+
+
+# ----------------------------------------------------------------------------
+# Logging: everything printed also goes to log.txt of the run.
+
+
+class OutputLogger:
+    def __init__(self):
+        self.file = None
+        self.buffer = io.StringIO()
+
+    def set_log_file(self, filename, mode='wt'):
+        assert self.file is None
+        self.file = open(filename, mode, encoding='utf-8')
+        if self.buffer is not None:
+            self.file.write(self.buffer.getvalue())
+            self.buffer = None
+
+    def write(self, data):
+        if self.file is not None:
+            self.file.write(data)
+            self.file.flush()
+        if self.buffer is not None:
+            self.buffer.write(data)
+
+    def flush(self):
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class TeeOutputStream:
+    def __init__(self, child_streams, autoflush=False):
+        self.child_streams = child_streams
+        self.autoflush = autoflush
+
+    def write(self, data):
+        for stream in self.child_streams:
+            stream.write(data)
+        if self.autoflush:
+            self.flush()
+
+    def flush(self):
+        for stream in self.child_streams:
+            stream.flush()
+
+    def isatty(self):
+        return False
+
+
+output_logger = None
+
+
+def init_output_logging():
+    """Start buffering stdout/stderr so that set_output_log_file() can save all of it."""
+    global output_logger
+    if output_logger is None:
+        output_logger = OutputLogger()
+        sys.stdout = TeeOutputStream([sys.stdout, output_logger], autoflush=True)
+        sys.stderr = TeeOutputStream([sys.stderr, output_logger], autoflush=True)
+
+
+def set_output_log_file(filename, mode='wt'):
+    if output_logger is not None:
+        output_logger.set_log_file(filename, mode)
+
+
+def close_output_log_file():
+    """Stop writing to the current log file (the next run in this process opens its own)."""
+    global output_logger
+    if output_logger is not None:
+        output_logger.close()
+        output_logger.buffer = io.StringIO()
+
+
+# ----------------------------------------------------------------------------
+# Result directories: results/NNN-desc/.
+
+
+def create_result_subdir(result_dir, desc):
+    """Make the next numbered run directory; mkdir is atomic, so parallel runs never share one."""
+    os.makedirs(result_dir, exist_ok=True)
+    while True:
+        run_id = max(existing_run_ids(result_dir), default=-1) + 1
+        result_subdir = os.path.join(result_dir, '%03d-%s' % (run_id, desc))
+        try:
+            os.mkdir(result_subdir)
+            break
+        except FileExistsError:
+            continue
+    set_output_log_file(os.path.join(result_subdir, 'log.txt'))
+    config_file = getattr(config, '__file__', None)
+    if config_file and os.path.isfile(config_file):
+        shutil.copyfile(config_file, os.path.join(result_subdir, 'config.py'))
+    return result_subdir
+
+
+def existing_run_ids(result_dir):
+    ids = []
+    for name in os.listdir(result_dir) if os.path.isdir(result_dir) else []:
+        match = re.match(r'^(\d+)-', name)
+        if match and os.path.isdir(os.path.join(result_dir, name)):
+            ids.append(int(match.group(1)))
+    return ids
+
+
+def format_time(seconds):
+    s = int(np.rint(seconds))
+    if s < 60:
+        return '%ds' % s
+    if s < 60 * 60:
+        return '%dm %02ds' % (s // 60, s % 60)
+    if s < 24 * 60 * 60:
+        return '%dh %02dm %02ds' % (s // (60 * 60), (s // 60) % 60, s % 60)
+    return '%dd %02dh %02dm' % (s // (24 * 60 * 60), (s // (60 * 60)) % 24, (s // 60) % 60)
+
+
+def locate_result_subdir(run_id_or_result_subdir):
+    """A run directory from a directory path, a run id (23 or '023'), or 'latest'."""
+    if isinstance(run_id_or_result_subdir, str) and os.path.isdir(run_id_or_result_subdir):
+        return run_id_or_result_subdir
+    if run_id_or_result_subdir == 'latest':
+        return _latest_run_with_snapshot()
+    searchdirs = ['', 'results', 'networks']
+    for searchdir in searchdirs:
+        base = config.result_dir if searchdir == '' else os.path.join(config.result_dir, searchdir)
+        pattern = os.path.join(base, str(run_id_or_result_subdir))
+        if os.path.isdir(pattern):
+            return pattern
+        if isinstance(run_id_or_result_subdir, int) or str(run_id_or_result_subdir).isdigit():
+            prefix = '%03d' % int(run_id_or_result_subdir)
+            dirs = sorted(glob.glob(os.path.join(base, prefix + '-*')))
+            dirs = [d for d in dirs if os.path.isdir(d)]
+            if len(dirs) == 1:
+                return dirs[0]
+    raise IOError('Cannot locate result subdir for run %r under "%s"; runs there: %s' % (
+        run_id_or_result_subdir, config.result_dir, ', '.join(list_runs()) or 'none'))
+
+
+def list_runs():
+    if not os.path.isdir(config.result_dir):
+        return []
+    return sorted(name for name in os.listdir(config.result_dir) if re.match(r'^\d+-', name))
+
+
+def _latest_run_with_snapshot():
+    for name in sorted(list_runs(), key=lambda n: int(n.split('-')[0]), reverse=True):
+        subdir = os.path.join(config.result_dir, name)
+        if list_network_pkls(subdir):
+            return subdir
+    raise IOError('resume_run_id="latest": no run with a network snapshot under "%s"' % config.result_dir)
+
+
+def list_network_pkls(run_id_or_result_subdir, include_final=True):
+    """The run's snapshots, oldest first (network-final.pkl last if asked for)."""
+    result_subdir = locate_result_subdir(run_id_or_result_subdir)
+    pkls = sorted(glob.glob(os.path.join(result_subdir, 'network-snapshot-*.pkl')))
+    if include_final:
+        final = os.path.join(result_subdir, 'network-final.pkl')
+        if os.path.isfile(final):
+            pkls.append(final)
+    return pkls
+
+
+def locate_network_pkl(run_id_or_result_subdir_or_network_pkl, snapshot_or_network_pkl=None):
+    """A network pickle from a pkl path, or a run plus a snapshot (kimg index, path, or None = latest)."""
+    for candidate in [snapshot_or_network_pkl, run_id_or_result_subdir_or_network_pkl]:
+        if isinstance(candidate, str) and os.path.isfile(candidate):
+            return candidate
+    pkls = list_network_pkls(run_id_or_result_subdir_or_network_pkl)
+    if len(pkls) >= 1 and snapshot_or_network_pkl is None:
+        return pkls[-1]
+    for pkl in pkls:
+        try:
+            name = os.path.splitext(os.path.basename(pkl))[0]
+            if int(name.split('-')[-1]) == snapshot_or_network_pkl:
+                return pkl
+        except ValueError:
+            pass
+    raise IOError('Cannot locate network pkl for run %r, snapshot %r; snapshots there: %s' % (
+        run_id_or_result_subdir_or_network_pkl, snapshot_or_network_pkl,
+        ', '.join(os.path.basename(p) for p in pkls) or 'none'))
+
+
+def snapshot_kimg(network_pkl):
+    """The kimg in a snapshot's file name (network-snapshot-001657.pkl -> 1657), else None."""
+    match = re.search(r'network-snapshot-(\d+)\.pkl$', os.path.basename(network_pkl))
+    return int(match.group(1)) if match else None
+
+
+def get_id_string_for_network_pkl(network_pkl):
+    p = network_pkl.replace('.pkl', '').replace('\\', '/').split('/')
+    return '-'.join(p[max(len(p) - 2, 0):])
+
+
+def resume_time_from_log(result_subdir, kimg):
+    """Training time in seconds at the tick that reached `kimg`, read from the run's log.txt."""
+    log_file = os.path.join(result_subdir, 'log.txt')
+    if not os.path.isfile(log_file):
+        return None
+    best = None
+    with open(log_file, 'rt', encoding='utf-8', errors='replace') as file:
+        for line in file:
+            match = re.match(r'^tick\s+\d+\s+kimg\s+([\d.]+)\s+.*?time\s+(.+?)\s+sec/tick', line)
+            if match and float(match.group(1)) <= kimg + 0.5:
+                best = parse_time(match.group(2))
+    return best
+
+
+def parse_time(text):
+    """Inverse of format_time."""
+    units = {'d': 86400, 'h': 3600, 'm': 60, 's': 1}
+    return float(sum(int(num) * units[unit] for num, unit in re.findall(r'(\d+)([dhms])', text)))
+
+
+# ----------------------------------------------------------------------------
+# Networks and datasets of earlier runs.
+
+
+def random_latents(num_latents, G, random_state=None):
+    shape = [num_latents] + G.input_shape[1:]
+    rnd = random_state if random_state is not None else np.random
+    return rnd.randn(*shape).astype(np.float32)
+
+
+def parse_config_for_previous_run(run_id):
+    """The dataset and train blocks a previous run was started with, from its saved config.py."""
+    config_file = os.path.join(locate_result_subdir(run_id), 'config.py')
+    if not os.path.isfile(config_file):
+        return dict()
+    namespace = runpy.run_path(config_file)
+    return {name: namespace[name] for name in ['dataset', 'train', 'data_dir'] if name in namespace}
+
+
+def load_dataset_for_result_subdir(result_subdir):
+    """(dataset, mirror_augment) as the run at result_subdir trained with."""
+    import dataset
+    cfg = parse_config_for_previous_run(result_subdir)
+    dataset_kwargs = dict(cfg.get('dataset', {}), verbose=True)
+    mirror_augment = cfg.get('train', {}).get('mirror_augment', False)
+    data_dir = cfg.get('data_dir', config.data_dir)
+    return dataset.load_dataset(data_dir=data_dir, **dataset_kwargs), mirror_augment
