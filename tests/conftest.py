@@ -59,6 +59,20 @@ def corrupt_tiles(path, from_level=0):
             f.write(b'\0' * 16)
 
 
+def whiten_tiles(path, from_level=0, tile=256):
+    """Replace every tile of the levels from_level on with a plain white JPEG (written over the
+    start of each tile; libjpeg stops at its end-of-image marker), as a scanner fault would."""
+    import tifffile
+    ok, white = cv2.imencode('.jpg', np.full((tile, tile, 3), 255, np.uint8))
+    with tifffile.TiffFile(path) as tif:
+        tiles = [(o, n) for page in tif.pages[from_level:] for o, n in zip(page.dataoffsets, page.databytecounts)]
+    assert all(len(white) <= n for _, n in tiles), 'a tile is smaller than the white one'
+    with open(path, 'r+b') as f:
+        for offset, _ in tiles:
+            f.seek(offset)
+            f.write(white.tobytes())
+
+
 def run_with_timeout(function, seconds):
     """function()'s result; fails the test if it takes longer than `seconds` (a hang)."""
     outcome = {}

@@ -11,7 +11,7 @@ import openslide
 import pytest
 
 import wsi
-from conftest import BACKGROUND, corrupt_tiles, run_with_timeout, slide_image, write_slide
+from conftest import corrupt_tiles, run_with_timeout, slide_image, whiten_tiles, write_slide
 
 
 def make_sampler(slide_dir, mask_cache, messages=None, **kwargs):
@@ -88,6 +88,11 @@ def test_mask_cache_name_is_a_hash_and_changes_when_the_slide_is_replaced(tmp_pa
     first = wsi.mask_cache_path(path, mask_cache)
     assert os.path.dirname(first) == mask_cache
     assert len(os.path.basename(first)) == 40 + len('.png')
+    stat_before = os.stat(path)
+    os.utime(path, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns + 1))   # same size, newer
+    assert wsi.mask_cache_path(path, mask_cache) != first
+    os.utime(path, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+    assert wsi.mask_cache_path(path, mask_cache) == first
 
     with make_sampler(folder, mask_cache) as sampler:
         assert sampler.slides[0].mask()[:, -100:].sum() == 0
@@ -296,6 +301,16 @@ def test_only_corrupt_slides_raise_instead_of_hanging(tmp_path, mask_cache, mess
         with pytest.raises(RuntimeError, match='dropped|failed'):
             run_with_timeout(lambda: sampler.sample(0, 16), 60)
     assert any('dropping' in m for m in warnings_about(messages, bad))
+
+
+def test_slide_reading_white_is_resampled_never_passed_on(tmp_path, mask_cache, messages):
+    good = write_slide(tmp_path / 'good.svs', width=4096, height=3072)
+    white = write_slide(tmp_path / 'white.svs', width=4096, height=3072)
+    whiten_tiles(white, from_level=2)          # the mask (level 1) shows tissue, patches read white
+    with make_sampler(tmp_path, mask_cache, messages) as sampler:
+        assert sorted(sampler.slide_paths) == sorted([good, white])
+        assert_no_blank_patches(run_with_timeout(lambda: sampler.sample(0, 64), 60)[0])
+    assert any('dropping' in m for m in warnings_about(messages, white))
 
 
 def test_no_usable_slide_raises_one_error_listing_each_file_and_why(tmp_path, mask_cache):
