@@ -584,7 +584,8 @@ def write_pyramidal_tiff(path, rgb, tile=256, aperio=False, mpp=0.25, app_mag=40
         for i, level in enumerate(levels):
             tif.write(_jpeg_tiles(level, tile, quality), shape=level.shape, dtype=np.uint8, tile=(tile, tile),
                       compression='jpeg', photometric='rgb', subfiletype=0 if i == 0 else 1,
-                      description=description if i == 0 else None, metadata=None)
+                      description=description if i == 0 else None, metadata=None,
+                      compressionargs={'outcolorspace': 'RGB'})  # tag Photometric=RGB, as Aperio does
 
 
 DEMO_SLIDES = [  # file name, width, height, level factor, number of tissue blobs
