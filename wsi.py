@@ -555,7 +555,8 @@ class PatchSampler:
 
 def _jpeg_tiles(rgb, tile, quality):
     """JPEG bytes of each tile, row by row, edge tiles padded with white. cv2 encodes YCbCr
-    JPEG, which OpenSlide decodes correctly from a Photometric=RGB TIFF."""
+    4:2:0 JPEG; tifffile tags such tiles Photometric=YCbCr with that subsampling, which
+    OpenSlide decodes correctly (tagged Photometric=RGB, it shows wrong colours)."""
     height, width = rgb.shape[:2]
     for y in range(0, height, tile):
         for x in range(0, width, tile):
@@ -584,8 +585,7 @@ def write_pyramidal_tiff(path, rgb, tile=256, aperio=False, mpp=0.25, app_mag=40
         for i, level in enumerate(levels):
             tif.write(_jpeg_tiles(level, tile, quality), shape=level.shape, dtype=np.uint8, tile=(tile, tile),
                       compression='jpeg', photometric='rgb', subfiletype=0 if i == 0 else 1,
-                      description=description if i == 0 else None, metadata=None,
-                      compressionargs={'outcolorspace': 'RGB'})  # tag Photometric=RGB, as Aperio does
+                      description=description if i == 0 else None, metadata=None)
 
 
 DEMO_SLIDES = [  # file name, width, height, level factor, number of tissue blobs
