@@ -1,0 +1,201 @@
+"""Patches per second from the demo .svs: PatchSampler against two baselines measured in the
+same run, plus a memory-flatness run.
+
+  python bench/wsi_throughput.py [--seconds 2.0] [--memory-patches 20000]
+
+Configurations (size, downsample) = (512, 4), (256, 8), (128, 16), (32, 64): the same 2048-px
+field of view, i.e. LODs 0, 1, 2 and 4 of a resolution-512 downsample-4 run. Baselines:
+  naive: the predecessor's way, per patch: open the slide, load the mask PNG, np.argwhere,
+         rejection-sample a location in the tissue bounding box, read_region + resize, close;
+  raw:   read_region + resize on one already-open handle at random tissue locations.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import cv2
+import numpy as np
+import openslide
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import wsi  # noqa: E402
+
+RESOLUTION, DOWNSAMPLE = 512, 4
+LODS = [0, 1, 2, 4]
+FIELD_OF_VIEW = RESOLUTION * DOWNSAMPLE
+
+
+def bench_slide_dir(work_dir):
+    """A folder holding only the demo .svs (or a larger bench slide from the same maker when
+    the demo .svs cannot hold a 2048-px field of view)."""
+    demo = wsi.create_demo_slides(os.path.join(work_dir, 'demo'), log=lambda message: None)
+    svs = next(p for p in demo if p.endswith('.svs'))
+    slide_dir = os.path.join(work_dir, 'bench')
+    os.makedirs(slide_dir)
+    with openslide.OpenSlide(svs) as handle:
+        big_enough = min(handle.dimensions) >= 2 * FIELD_OF_VIEW
+    if big_enough:
+        os.link(svs, os.path.join(slide_dir, os.path.basename(svs)))
+    else:
+        rgb = wsi.demo_tissue_image(4 * FIELD_OF_VIEW, 3 * FIELD_OF_VIEW, np.random.default_rng(0), num_blobs=4)
+        wsi.write_pyramidal_tiff(os.path.join(slide_dir, 'bench.svs'), rgb, aperio=True, level_factor=4)
+    return slide_dir
+
+
+def interleaved_rates(producers, seconds, rounds=4):
+    """Patches per wall-clock second and per CPU second (all threads of this process) of each
+    producer (a callable returning how many patches it made), measured in interleaved rounds
+    so that load from other processes affects all alike."""
+    for produce in producers.values():
+        produce()   # warm-up: handles, caches
+    counts = dict.fromkeys(producers, 0)
+    wall = dict.fromkeys(producers, 0.0)
+    cpu = dict.fromkeys(producers, 0.0)
+    for _ in range(rounds):
+        for name, produce in producers.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            while time.perf_counter() - start < seconds / rounds:
+                counts[name] += produce()
+            wall[name] += time.perf_counter() - start
+            cpu[name] += time.process_time() - start_cpu
+    return ({name: counts[name] / wall[name] for name in producers},
+            {name: counts[name] / cpu[name] for name in producers})
+
+
+def read_and_resize(handle, top_left, size):
+    level = handle.get_best_level_for_downsample(FIELD_OF_VIEW / size * 1.01)
+    read_size = round(FIELD_OF_VIEW / handle.level_downsamples[level])
+    rgb = np.asarray(handle.read_region(top_left, level, (read_size, read_size)))[..., :3]
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA) if read_size != size else rgb
+
+
+def naive_patch(slide_path, mask_path, size, rng):
+    handle = openslide.OpenSlide(slide_path)
+    mask = wsi.read_png(mask_path, cv2.IMREAD_GRAYSCALE)
+    tissue = np.argwhere(mask)
+    (y0, x0), (y1, x1) = tissue.min(0), tissue.max(0) + 1
+    while True:
+        y, x = rng.integers(y0, y1), rng.integers(x0, x1)
+        if mask[y, x]:
+            break
+    scale = handle.dimensions[0] / mask.shape[1]
+    top_left = wsi.clamp_top_left(((x + 0.5) * scale, (y + 0.5) * scale), FIELD_OF_VIEW, handle.dimensions)
+    patch = read_and_resize(handle, top_left, size)
+    handle.close()
+    return patch
+
+
+def measure(slide_dir, mask_cache, seconds):
+    cores = os.cpu_count()
+    samplers = {(threads, augment): wsi.PatchSampler(slide_dir, resolution=RESOLUTION, downsample=DOWNSAMPLE,
+                                                     mask_cache_dir=mask_cache, num_threads=threads,
+                                                     augment=augment, seed=1, log=lambda m: None)
+                for threads in (1, cores) for augment in (0.0, 1.0)}
+    slide = samplers[1, 0.0].slides[0]
+    mask_path = wsi.mask_cache_path(slide.path, mask_cache)
+    handle = openslide.OpenSlide(slide.path)
+    rng = np.random.default_rng(0)
+    rows = []
+    for lod in LODS:
+        size = RESOLUTION >> lod
+        batch = 16 if size >= 256 else 64
+        row = {'size': size, 'downsample': DOWNSAMPLE << lod}
+
+        def naive_batch():
+            for _ in range(4):
+                naive_patch(slide.path, mask_path, size, rng)
+            return 4
+
+        def raw_batch():
+            for _ in range(batch):
+                centre = samplers[1, 0.0]._random_centre(slide, rng)
+                read_and_resize(handle, wsi.clamp_top_left(centre, FIELD_OF_VIEW, slide.dimensions), size)
+            return batch
+
+        producers = {'naive': naive_batch, 'raw': raw_batch}
+        for key, sampler in samplers.items():
+            producers[key] = lambda sampler=sampler: len(sampler.sample(lod, batch)[0])
+        wall, cpu = interleaved_rates(producers, seconds)
+        rows.append(({**row, **wall}, {**row, **cpu}))
+        print_row(rows[-1][0], cores)
+    handle.close()
+    for sampler in samplers.values():
+        sampler.close()
+    return rows
+
+
+def print_header(cores):
+    print(f'{"size/ds":>8} {"naive":>7} {"raw":>7} {"1w":>7} {"1w+aug":>7} {f"{cores}w":>7} {f"{cores}w+aug":>7}'
+          f' {"1w/naive":>9} {"1w/raw":>7} {f"{cores}w/1w":>7} {"aug/plain 1w":>12} {f"aug/plain {cores}w":>12}')
+
+
+def print_row(row, cores):
+    one, one_aug, all_, all_aug = row[1, 0.0], row[1, 1.0], row[cores, 0.0], row[cores, 1.0]
+    print(f'{row["size"]:>4}/{row["downsample"]:<3} {row["naive"]:7.1f} {row["raw"]:7.1f} {one:7.1f} {one_aug:7.1f}'
+          f' {all_:7.1f} {all_aug:7.1f} {one / row["naive"]:8.1f}x {one / row["raw"]:6.0%} {all_ / one:6.2f}x'
+          f' {one_aug / one:12.0%} {all_aug / all_:12.0%}', flush=True)
+
+
+def memory_run(slide_dir, mask_cache, total, lod=4, batch=100):
+    process = psutil.Process()
+    with wsi.PatchSampler(slide_dir, resolution=RESOLUTION, downsample=DOWNSAMPLE, mask_cache_dir=mask_cache,
+                          seed=2, log=lambda m: None) as sampler:
+        done, after_first_1000 = 0, None
+        start = time.perf_counter()
+        while done < total:
+            done += len(sampler.sample(lod, batch)[0])
+            if after_first_1000 is None and done >= 1000:
+                after_first_1000 = process.memory_info().rss
+        elapsed = time.perf_counter() - start
+        end = process.memory_info().rss
+    size = RESOLUTION >> lod
+    print(f'Memory: {total} patches of {size}x{size} in {elapsed:.1f} s ({total / elapsed:.0f}/s): RSS '
+          f'{after_first_1000 / 2**20:.0f} MB after the first 1,000, {end / 2**20:.0f} MB at the end '
+          f'({(end - after_first_1000) / 2**20:+.0f} MB; target within 300 MB)')
+
+
+def print_targets(wall, cpu, cores):
+    checks = [('one worker >= 5x naive', 'naive', (1, 0.0), 'naive', 5.0),
+              ('one worker >= 80% of raw', 'raw', (1, 0.0), 'raw', 0.8),
+              (f'{cores} workers >= 1.7x one worker', None, (cores, 0.0), (1, 0.0), 1.7),
+              ('augment=1 >= 70% of plain (1 worker)', 'aug', (1, 1.0), (1, 0.0), 0.7),
+              (f'augment=1 >= 70% of plain ({cores} workers)', 'aug', (cores, 1.0), (cores, 0.0), 0.7)]
+    print(f'Targets at 512/4{"":<27}  wall-clock  per CPU-second')
+    for name, cpu_meaningful, numerator, denominator, target in checks:
+        by_wall = wall[numerator] / wall[denominator]
+        by_cpu = f'{cpu[numerator] / cpu[denominator]:6.2f}' if cpu_meaningful else '     -'
+        print(f'  {name:<42} {by_wall:6.2f} {"met" if by_wall >= target else "MISSED":<6} {by_cpu}')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--seconds', type=float, default=2.0, help='per measurement')
+    parser.add_argument('--memory-patches', type=int, default=20000)
+    args = parser.parse_args()
+    cores = os.cpu_count()
+    with tempfile.TemporaryDirectory() as work_dir:
+        slide_dir = bench_slide_dir(work_dir)
+        mask_cache = os.path.join(work_dir, 'masks')
+        print(f'Slide: {os.listdir(slide_dir)[0]}, field of view {FIELD_OF_VIEW} px, {cores} cores; patches/s')
+        print(f'Load average before: {os.getloadavg()[0]:.1f} (other processes compete when above {cores})')
+        print('Patches per wall-clock second:')
+        print_header(cores)
+        rows = measure(slide_dir, mask_cache, args.seconds)
+        print('Patches per CPU-second of this process (all threads; robust to load from other processes):')
+        print_header(cores)
+        for _, cpu in rows:
+            print_row(cpu, cores)
+        memory_run(slide_dir, mask_cache, args.memory_patches)
+        print(f'Load average after: {os.getloadavg()[0]:.1f}')
+        print_targets(*rows[0], cores)
+        first = rows[0][0]
+        print(f'512/4 one worker: {first[1, 0.0]:.1f} patches/s = {first[1, 0.0] / first["naive"]:.1f}x '
+              f'the naive baseline ({first["naive"]:.1f} patches/s)')
+
+
+if __name__ == '__main__':
+    main()
