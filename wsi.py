@@ -140,6 +140,26 @@ def read_png(path, flags=cv2.IMREAD_UNCHANGED):
         return cv2.imdecode(np.frombuffer(f.read(), np.uint8), flags)
 
 
+def slide_thumbnail(handle, max_size, strip_pixels=1 << 24):
+    """RGB thumbnail whose long side is max_size, read from the best level in strips of at
+    most strip_pixels pixels (OpenSlide's get_thumbnail reads the whole level at once: gigabytes
+    for a slide without a pyramid)."""
+    width, height = handle.dimensions
+    scale = max_size / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    level = handle.get_best_level_for_downsample(1 / scale)
+    level_width, level_height = handle.level_dimensions[level]
+    level_downsample = handle.level_downsamples[level]
+    rows_per_strip = max(1, strip_pixels // level_width)
+    strips = []
+    for top in range(0, level_height, rows_per_strip):
+        rows = min(rows_per_strip, level_height - top)
+        rgb = composite_on_white(np.asarray(handle.read_region((0, round(top * level_downsample)), level, (level_width, rows))))
+        strip_height = max(1, round(rows * size[1] / level_height))
+        strips.append(cv2.resize(rgb, (size[0], strip_height), interpolation=cv2.INTER_AREA))
+    return cv2.resize(np.concatenate(strips), size, interpolation=cv2.INTER_AREA)
+
+
 def load_or_build_mask(handle, slide_path, cache_dir):
     """(mask, cache warning or None): from the cache when present, else computed and cached."""
     cache_path = mask_cache_path(slide_path, cache_dir)
@@ -147,7 +167,7 @@ def load_or_build_mask(handle, slide_path, cache_dir):
         mask = read_png(cache_path, cv2.IMREAD_GRAYSCALE)
         if mask is not None:
             return mask, None
-    thumbnail = np.asarray(handle.get_thumbnail((MASK_MAX_SIZE, MASK_MAX_SIZE)).convert('RGB'))
+    thumbnail = slide_thumbnail(handle, MASK_MAX_SIZE)
     mask = compute_tissue_mask(thumbnail)
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -446,7 +466,7 @@ class PatchSampler:
         paths = []
         for index, slide in enumerate(self.slides):
             with openslide.OpenSlide(slide.path) as handle:
-                picture = np.asarray(handle.get_thumbnail((max_size, max_size)).convert('RGB')).copy()
+                picture = slide_thumbnail(handle, max_size)
             scale = picture.shape[1] / slide.dimensions[0]
             mask = cv2.resize(slide.mask(), (picture.shape[1], picture.shape[0]), interpolation=cv2.INTER_NEAREST)
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

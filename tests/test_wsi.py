@@ -81,6 +81,19 @@ def test_blank_slide_gets_no_tissue_where_plain_otsu_would_find_half():
     assert mask[250:450, 250:550].mean() > 0.9 and mask[600:, :].sum() == 0
 
 
+def test_thumbnail_of_a_slide_without_pyramid_is_read_in_strips(tmp_path, mask_cache):
+    path = str(tmp_path / 'flat.tif')
+    wsi.write_pyramidal_tiff(path, slide_image(3000, 2000, [(500, 400, 2000, 1500)]), min_level_size=10 ** 6)
+    with openslide.OpenSlide(path) as handle:
+        assert handle.level_count == 1
+        expected = np.asarray(handle.get_thumbnail((1000, 1000)).convert('RGB')).astype(int)
+        strips = wsi.slide_thumbnail(handle, 1000, strip_pixels=3000 * 70)     # 29 strips
+    assert strips.shape == expected.shape
+    assert np.abs(strips - expected).mean() < 2
+    with make_sampler(tmp_path, mask_cache, wsi_ext='.tif') as sampler:
+        assert sampler.slides[0].tissue_fraction > 0.2
+
+
 def test_mask_cache_name_is_a_hash_and_changes_when_the_slide_is_replaced(tmp_path, mask_cache):
     folder = tmp_path / 'v1.2.slides'
     folder.mkdir()
