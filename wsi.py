@@ -61,8 +61,7 @@ def find_slides(slide_dir, wsi_ext='.svs', recursive=False):
 
 
 def read_label_csv(label_file):
-    """{slide name: class} from a CSV of (slide file name, class) rows; a header row is
-    recognised by its first field not naming a slide (checked later) and is returned as-is."""
+    """(slide name, class) rows of a CSV, a header row included (assign_classes skips it)."""
     with open(label_file, newline='', encoding='utf-8-sig') as f:
         rows = [r for r in csv.reader(f) if r and any(field.strip() for field in r)]
     bad = [r for r in rows if len(r) < 2]
@@ -71,7 +70,7 @@ def read_label_csv(label_file):
     return [(r[0].strip(), r[1].strip()) for r in rows]
 
 
-def assign_classes(slide_paths, slide_dir, label_rows, label_file):
+def assign_classes(slide_paths, slide_dir, label_rows):
     """Class index per slide (-1 = no label) and the sorted class names. A slide is named in
     the CSV by its path relative to slide_dir, its file name, or its file name without
     extension. The first row is a header when it names no slide."""
@@ -373,7 +372,7 @@ class PatchSampler:
         self.label_size = 0
         if label_file is None or max_label_size == 0:
             return
-        indices, self.class_names = assign_classes([i.path for i in infos], slide_dir, read_label_csv(label_file), label_file)
+        indices, self.class_names = assign_classes([i.path for i in infos], slide_dir, read_label_csv(label_file))
         self.label_size = len(self.class_names) if max_label_size == 'full' else min(len(self.class_names), max_label_size)
         for info, index in zip(infos, indices):
             info.class_index = int(index)
@@ -393,9 +392,9 @@ class PatchSampler:
     # -- public API ---------------------------------------------------------------------------
 
     def patch_size(self, lod):
-        if not 0 <= lod <= self.max_lod:
-            raise ValueError(f'lod must be in 0..{self.max_lod}, got {lod}')
-        return self.resolution >> lod
+        if lod != int(lod) or not 0 <= lod <= self.max_lod:
+            raise ValueError(f'lod must be an integer in 0..{self.max_lod}, got {lod}')
+        return self.resolution >> int(lod)
 
     def sample(self, lod, count):
         size = self.patch_size(lod)
