@@ -443,7 +443,7 @@ class Optimizer:
 # ----------------------------------------------------------------------------
 # Network: a build function's template graph plus its variables; picklable by value.
 
-network_import_handlers = []      # Functions state => state, applied when unpickling.
+network_import_handlers = []      # Functions state => state, applied when unpickling (see legacy.py).
 _network_import_modules = []      # Modules made from embedded source, kept alive.
 
 
@@ -552,19 +552,17 @@ class Network:
 
     def __setstate__(self, state):
         init_tf()     # Unpickling in a fresh process needs no ceremony.
+        import legacy     # Pickles from elsewhere: import handlers, local rebuild or the TF1 shim.
         self._init_fields()
-        for handler in network_import_handlers:
-            state = handler(state)
-        if state['version'] != 2:
-            raise ValueError('Unsupported Network pickle version %r' % state['version'])
+        state = legacy.import_state(state, network_import_handlers)
         self.name = state['name']
         self.static_kwargs = dict(state['static_kwargs'])
-        self._build_module_src = state['build_module_src']
+        self._build_module_src = state['build_module_src']     # Kept as is, so saving again is faithful.
         self._build_func_name = state['build_func_name']
-        self._build_func = find_obj_in_module(_module_from_source(self._build_module_src), self._build_func_name)
+        self._build_func = legacy.build_func_for_state(state)
         self._init_graph()
         self.reset_vars()
-        set_vars({self.find_var(name): value for name, value in state['variables']})
+        set_vars({self.find_var(name): value for name, value in legacy.checked_variables(self, state)})
 
     def clone(self, name=None):
         net = object.__new__(Network)
@@ -722,15 +720,13 @@ def _postprocess(x, out_mul, out_add, out_shrink, out_dtype):
 
 
 def _module_from_source(source):
-    """The module a pickle's build function lives in.
-
-    The local `networks` module is reused when the embedded source is its own; other source is
-    executed into a new module.
-    """
-    local = sys.modules.get('networks') or importlib.import_module('networks')
-    if inspect.getsource(local) == source:
-        return local
-    module = types.ModuleType('_tfutil_network_import_module_%d' % len(_network_import_modules))
-    exec(compile(source, module.__name__, 'exec'), module.__dict__)
+    """A module made by executing a pickle's embedded networks source under the TF1 compatibility
+    shim (legacy.py); one per distinct source, kept alive for the rest of the process."""
+    import legacy
+    for module in _network_import_modules:
+        if module.__dict__.get('__network_pickle_source__') == source:
+            return module
+    module = legacy.exec_source_module(source, '_tfutil_network_import_module_%d' % len(_network_import_modules))
+    module.__network_pickle_source__ = source
     _network_import_modules.append(module)
     return module
