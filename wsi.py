@@ -263,6 +263,19 @@ def clamp_top_left(centre, field_of_view, slide_size):
                  for c, size in zip(centre, slide_size))
 
 
+def snap_to_level_grid(top_left, level_downsample, field_of_view, slide_size):
+    """Move a level-0 corner by at most half a level pixel onto a whole pixel of the read level:
+    OpenSlide resamples a region placed at a fractional level position, which makes a 512-px
+    read about 5x slower. (Exact only where the level downsample is an integer.)"""
+    snapped = []
+    for x, size in zip(top_left, slide_size):
+        level_x = round(x / level_downsample)
+        if level_x * level_downsample > size - field_of_view:
+            level_x = int((size - field_of_view) // level_downsample)
+        snapped.append(int(level_x * level_downsample))
+    return tuple(snapped)
+
+
 def read_patch(handle, centre, field_of_view, size):
     """HWC uint8 RGB patch of size x size covering field_of_view level-0 pixels around centre,
     read from the best pyramid level, composited onto white, resized with INTER_AREA."""
@@ -272,6 +285,7 @@ def read_patch(handle, centre, field_of_view, size):
     level = handle.get_best_level_for_downsample(downsample * 1.01)
     read_size = max(1, round(field_of_view / handle.level_downsamples[level]))
     top_left = clamp_top_left(centre, field_of_view, handle.dimensions)
+    top_left = snap_to_level_grid(top_left, handle.level_downsamples[level], field_of_view, handle.dimensions)
     rgba = np.asarray(handle.read_region(top_left, level, (read_size, read_size)))
     rgb = composite_on_white(rgba)
     if np.ptp(rgb) < BLANK_PEAK_TO_PEAK:

@@ -145,7 +145,7 @@ def test_every_lod_covers_the_same_field_of_view(tmp_path):
                     128 + 100 * np.cos(2 * np.pi * (x + y) / 330)], -1).astype(np.uint8)
     path = str(tmp_path / 'pattern.svs')
     wsi.write_pyramidal_tiff(path, rgb, aperio=True)
-    resolution, downsample, centre = 64, 4, (1003.5, 987.2)
+    resolution, downsample, centre = 64, 4, (1128.4, 1119.7)   # corner (1000, 992): on every level's grid
     field_of_view = resolution * downsample
     with openslide.OpenSlide(path) as handle:
         lod0 = wsi.read_patch(handle, centre, field_of_view, resolution).astype(np.float32)
@@ -158,6 +158,17 @@ def test_every_lod_covers_the_same_field_of_view(tmp_path):
         assert np.abs(wider - cv2.resize(lod0, (16, 16), interpolation=cv2.INTER_AREA)).mean() > 20
         exact = wsi.read_patch(handle, (1024, 1024), field_of_view, field_of_view)
         assert np.abs(exact.astype(int) - rgb[896:1152, 896:1152]).mean() < 3, 'centre misplaced'
+
+
+def test_reads_snap_to_the_level_grid_by_at_most_half_a_level_pixel():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        downsample = float(rng.choice([1, 2, 4, 16]))
+        corner = tuple(int(v) for v in rng.integers(0, 1792, 2))
+        snapped = wsi.snap_to_level_grid(corner, downsample, 256, (2048, 2048))
+        for before, after in zip(corner, snapped):
+            assert after % downsample == 0 and 0 <= after <= 2048 - 256
+            assert abs(after - before) <= downsample / 2
 
 
 def test_patch_centres_fall_in_the_tissue_region(tmp_path, mask_cache):
