@@ -1,12 +1,8 @@
-import os
-import sys
 import threading
 
 import cv2
 import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ----------------------------------------------------------------------------------------------
 # Whole-slide fixtures: small real pyramidal TIFFs written with wsi.write_pyramidal_tiff.
