@@ -407,11 +407,14 @@ class PatchSampler:
     # -- public API ---------------------------------------------------------------------------
 
     def patch_size(self, lod):
+        """Patch side at an integer LOD: resolution >> lod."""
         if lod != int(lod) or not 0 <= lod <= self.max_lod:
             raise ValueError(f'lod must be an integer in 0..{self.max_lod}, got {lod}')
         return self.resolution >> int(lod)
 
     def sample(self, lod, count):
+        """count random tissue patches at LOD lod, read in parallel by the thread pool:
+        (uint8 [count, 3, r, r], int64 [count] class index, -1 without labels)."""
         size = self.patch_size(lod)
         images = np.empty([count, 3, size, size], np.uint8)
         classes = np.empty([count], np.int64)
