@@ -78,7 +78,7 @@ desc += '-demowsi';         dataset = EasyDict(class_name='dataset.WSIDataset', 
 #desc += '-grpc'; grid.layout = 'row_per_class'
 
 # Config presets (choose one).
-desc += '-preset-cpu-demo'; num_gpus = 1; G.fmap_base = 256; G.fmap_max = 64; G.latent_size = 64; D.fmap_base = 256; D.fmap_max = 64; sched.lod_initial_resolution = 4; sched.lod_training_kimg = 6; sched.lod_transition_kimg = 6; sched.minibatch_base = 16; sched.tick_kimg_base = 3; sched.tick_kimg_dict = {}; train.total_kimg = 48; train.network_snapshot_ticks = 4; grid.size = '8x6'
+desc += '-preset-cpu-demo'; num_gpus = 1; G.fmap_base = 256; G.fmap_max = 64; G.latent_size = 64; D.fmap_base = 256; D.fmap_max = 64; sched.lod_initial_resolution = 4; sched.lod_training_kimg = 5; sched.lod_transition_kimg = 5; sched.minibatch_base = 16; sched.tick_kimg_base = 2.5; sched.tick_kimg_dict = {}; train.total_kimg = 40; train.G_smoothing = 0.99; train.network_snapshot_ticks = 4; grid.size = '8x6'
 #desc += '-preset-v1-1gpu'; num_gpus = 1; D.mbstd_group_size = 16; sched.minibatch_base = 16; sched.minibatch_dict = {256: 14, 512: 6, 1024: 3}; sched.lod_training_kimg = 800; sched.lod_transition_kimg = 800; train.total_kimg = 19000
 #desc += '-preset-v2-1gpu'; num_gpus = 1; sched.minibatch_base = 4; sched.minibatch_dict = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8, 512: 4}; sched.G_lrate_dict = {1024: 0.0015}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000
 #desc += '-preset-v2-2gpus'; num_gpus = 2; sched.minibatch_base = 8; sched.minibatch_dict = {4: 256, 8: 256, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8}; sched.G_lrate_dict = {512: 0.0015, 1024: 0.002}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000

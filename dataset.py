@@ -223,6 +223,107 @@ class SyntheticDataset:
 
 
 # ----------------------------------------------------------------------------
+# Whole-slide images: random tissue patches streamed from a folder of slides (wsi.PatchSampler).
+
+
+class WSIDataset:
+    def __init__(self,
+                 tfrecord_dir,              # Folder of slides (named so for config compatibility).
+                 wsi_ext='.svs',            # Slide extension, or a list of them.
+                 resolution=512,            # Patch size at LOD 0.
+                 downsample=4,              # Level-0 pixels per patch pixel at LOD 0.
+                 label_file=None,           # CSV of (slide file name, class); relative to the folder if not found.
+                 max_label_size=0,          # 0 = no labels, 'full' = all classes, <int> = first N classes.
+                 repeat=True,               # Kept for config compatibility: patches are drawn endlessly.
+                 shuffle_mb=0,              # Kept for config compatibility: patches are random already.
+                 prefetch_mb=64,            # Patches read ahead of training, in megabytes.
+                 buffer_mb=0,               # Kept for config compatibility.
+                 num_threads=None,          # Reader threads; None = one per core.
+                 recursive=False,           # Also look for slides in subfolders?
+                 mask_cache_dir=None,       # Where tissue masks are cached; None = the user cache dir.
+                 augment=0.0,               # Probability of colour + warp augmentation per patch.
+                 rotate90=False,            # Random 90-degree rotations?
+                 min_tissue_fraction=0.01,  # Slides with less tissue are left out.
+                 weight_by_tissue=False,    # Choose slides by tissue area rather than uniformly?
+                 create_demo=False,         # Write the demo slides into the folder if it has none.
+                 seed=None):
+        import wsi
+        if create_demo and not (os.path.isdir(tfrecord_dir) and wsi.find_slides(tfrecord_dir, wsi_ext)):
+            print('Creating demo slides in "%s"...' % tfrecord_dir)
+            wsi.create_demo_slides(tfrecord_dir)
+        if label_file is not None and not os.path.isfile(label_file) and os.path.isfile(os.path.join(tfrecord_dir, label_file)):
+            label_file = os.path.join(tfrecord_dir, label_file)
+        self.sampler = wsi.PatchSampler(
+            tfrecord_dir, wsi_ext=wsi_ext, resolution=resolution, downsample=downsample, label_file=label_file,
+            max_label_size=max_label_size, recursive=recursive, mask_cache_dir=mask_cache_dir, augment=augment,
+            rotate90=rotate90, min_tissue_fraction=min_tissue_fraction, weight_by_tissue=weight_by_tissue,
+            num_threads=num_threads, seed=seed)
+        self.tfrecord_dir = tfrecord_dir
+        self.resolution = resolution
+        self.resolution_log2 = self.sampler.resolution_log2
+        self.shape = list(self.sampler.shape)
+        self.dtype = 'uint8'
+        self.dynamic_range = [0, 255]
+        self.label_size = self.sampler.label_size
+        self.label_dtype = 'float32'
+        self._prefetch_mb = prefetch_mb
+        self._feed = None               # The sampler's read-ahead generator for the current setting.
+        self._cur_setting = None        # (minibatch_size, lod) of the feed.
+
+    def configure(self, minibatch_size, lod=0):
+        """Read minibatches of this size at floor(lod) from now on."""
+        setting = (int(minibatch_size), int(np.floor(lod)))
+        if setting != self._cur_setting:
+            if self._feed is not None:
+                self._feed.close()      # Stops its reader; nothing stale reaches training.
+            minibatch_bytes = setting[0] * int(np.prod(self.shape)) >> (2 * setting[1])
+            depth = max(2, (self._prefetch_mb << 20) // max(minibatch_bytes, 1))
+            self._feed = self.sampler.batches(setting[1], setting[0], prefetch=depth)
+            self._cur_setting = setting
+
+    def _next_minibatch(self):
+        images, classes = next(self._feed)
+        return images, self.sampler.labels_onehot(classes)
+
+    def get_minibatch_tf(self):
+        """Tensors that take the next minibatch of the current setting each time they are run.
+
+        A numpy_function only pops the reader's queue (reading happens in the sampler's threads,
+        without the GIL), and reading ahead stays in that one queue, so a new LOD or minibatch
+        size takes effect at the next run."""
+        with tf.name_scope('WSIDataset'), tf.device('/cpu:0'):
+            images, labels = tf.numpy_function(self._next_minibatch, [], [tf.uint8, tf.float32], stateful=True)
+            images.set_shape([None] + self.shape[:1] + [None, None])
+            labels.set_shape([None, self.label_size])
+            return images, labels
+
+    def get_minibatch_np(self, minibatch_size, lod=0):
+        images, classes = self.sampler.sample(int(np.floor(lod)), minibatch_size)
+        return images, self.sampler.labels_onehot(classes)
+
+    def get_random_labels_tf(self, minibatch_size):
+        if self.label_size == 0:
+            return tf.zeros([minibatch_size, 0], self.label_dtype)
+        with tf.name_scope('WSIDataset'), tf.device('/cpu:0'):
+            labels = tf.numpy_function(lambda n: self.sampler.random_labels(int(n)), [minibatch_size], tf.float32,
+                                       stateful=True)
+            labels.set_shape([None, self.label_size])
+            return labels
+
+    def get_random_labels_np(self, minibatch_size):
+        return self.sampler.random_labels(minibatch_size)
+
+    def write_overview(self, result_subdir):
+        """Pictures of what is sampled from each slide, into the run directory."""
+        self.sampler.write_overview(os.path.join(result_subdir, 'slide-overviews'))
+
+    def close(self):
+        if self._feed is not None:
+            self._feed.close()
+        self.sampler.close()
+
+
+# ----------------------------------------------------------------------------
 
 
 def load_dataset(class_name='dataset.TFRecordDataset', data_dir=None, verbose=False, **kwargs):

@@ -289,9 +289,27 @@ def locate_network_pkl(run_id_or_result_subdir_or_network_pkl, snapshot_or_netwo
 
 
 def snapshot_kimg(network_pkl):
-    """The kimg in a snapshot's file name (network-snapshot-001657.pkl -> 1657), else None."""
+    """The kimg a pickle was saved at: from a snapshot's name (network-snapshot-001657.pkl -> 1657),
+    or for network-final.pkl from the last tick of its run's log; None if neither tells."""
     match = re.search(r'network-snapshot-(\d+)\.pkl$', os.path.basename(network_pkl))
-    return int(match.group(1)) if match else None
+    if match:
+        return int(match.group(1))
+    if os.path.basename(network_pkl) == 'network-final.pkl':
+        ticks = read_tick_lines(os.path.dirname(network_pkl))
+        return ticks[-1][0] if ticks else None
+    return None
+
+
+TICK_LINE = re.compile(r'^tick\s+\d+\s+kimg\s+([\d.]+)\s+.*?time\s+(.+?)\s+sec/tick')
+
+
+def read_tick_lines(result_subdir):
+    """(kimg, seconds) of every tick line in the run's log.txt."""
+    log_file = os.path.join(result_subdir, 'log.txt')
+    if not os.path.isfile(log_file):
+        return []
+    with open(log_file, 'rt', encoding='utf-8', errors='replace') as file:
+        return [(float(m.group(1)), parse_time(m.group(2))) for m in map(TICK_LINE.match, file) if m]
 
 
 def get_id_string_for_network_pkl(network_pkl):
@@ -300,17 +318,9 @@ def get_id_string_for_network_pkl(network_pkl):
 
 
 def resume_time_from_log(result_subdir, kimg):
-    """Training time in seconds at the tick that reached `kimg`, read from the run's log.txt."""
-    log_file = os.path.join(result_subdir, 'log.txt')
-    if not os.path.isfile(log_file):
-        return None
-    best = None
-    with open(log_file, 'rt', encoding='utf-8', errors='replace') as file:
-        for line in file:
-            match = re.match(r'^tick\s+\d+\s+kimg\s+([\d.]+)\s+.*?time\s+(.+?)\s+sec/tick', line)
-            if match and float(match.group(1)) <= kimg + 0.5:
-                best = parse_time(match.group(2))
-    return best
+    """Training time in seconds at the last tick up to `kimg` (snapshot names round kimg down)."""
+    times = [seconds for tick_kimg, seconds in read_tick_lines(result_subdir) if tick_kimg < kimg + 1]
+    return times[-1] if times else None
 
 
 def parse_time(text):
