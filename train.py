@@ -151,10 +151,9 @@ def train_progressive_gan(
     maintenance_start_time = time.time()
     training_set = dataset.load_dataset(data_dir=config.data_dir, verbose=True, **config.dataset)
     num_gpus = config.num_gpus
-    devices = tfutil.device_names(num_gpus)
 
     # Construct networks.
-    with tf.device(devices[0]):
+    with tf.device(tfutil.device_names(1)[0]):
         if resume_run_id is not None:
             network_pkl = misc.locate_network_pkl(resume_run_id, resume_snapshot)
             print('Loading networks from "%s"...' % network_pkl)
@@ -167,41 +166,16 @@ def train_progressive_gan(
             G = tfutil.Network('G', **net_kwargs, **config.G)
             D = tfutil.Network('D', **net_kwargs, **config.D)
             Gs = G.clone('Gs')
-        Gs_update_op = Gs.setup_as_moving_average_of(G, beta=G_smoothing)
     resume_kimg = resume_kimg or 0.0
     resume_time = resume_time or 0.0
     G.print_layers()
     D.print_layers()
 
     print('Building TensorFlow graph...')
-    with tf.name_scope('Inputs'):
-        lod_in = tf.placeholder(tf.float32, name='lod_in', shape=[])
-        lrate_in = tf.placeholder(tf.float32, name='lrate_in', shape=[])
-        minibatch_in = tf.placeholder(tf.int32, name='minibatch_in', shape=[])
-        minibatch_split = minibatch_in // num_gpus
-        reals, labels = training_set.get_minibatch_tf()
-        reals_split = tf.split(reals, num_gpus)
-        labels_split = tf.split(labels, num_gpus)
-    G_opt = tfutil.Optimizer(name='TrainG', learning_rate=lrate_in, **config.G_opt)
-    D_opt = tfutil.Optimizer(name='TrainD', learning_rate=lrate_in, **config.D_opt)
-    for gpu, device in enumerate(devices):
-        with tf.name_scope('GPU%d' % gpu), tf.device(device):
-            G_gpu = G if gpu == 0 else G.clone(G.name + '_shadow')
-            D_gpu = D if gpu == 0 else D.clone(D.name + '_shadow')
-            lod_assign_ops = [tf.assign(G_gpu.find_var('lod'), lod_in), tf.assign(D_gpu.find_var('lod'), lod_in)]
-            reals_gpu = process_reals(reals_split[gpu], lod_in, mirror_augment, training_set.dynamic_range, drange_net)
-            labels_gpu = labels_split[gpu]
-            with tf.name_scope('G_loss'), tf.control_dependencies(lod_assign_ops):
-                G_loss = tfutil.call_func_by_name(G=G_gpu, D=D_gpu, opt=G_opt, training_set=training_set,
-                                                  minibatch_size=minibatch_split, **config.G_loss)
-            with tf.name_scope('D_loss'), tf.control_dependencies(lod_assign_ops):
-                D_loss = tfutil.call_func_by_name(G=G_gpu, D=D_gpu, opt=D_opt, training_set=training_set,
-                                                  minibatch_size=minibatch_split, reals=reals_gpu, labels=labels_gpu,
-                                                  **config.D_loss)
-            G_opt.register_gradients(tf.reduce_mean(G_loss), G_gpu.trainables)
-            D_opt.register_gradients(tf.reduce_mean(D_loss), D_gpu.trainables)
-    G_train_op = G_opt.apply_updates()
-    D_train_op = D_opt.apply_updates()
+    graph = build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment, drange_net, G_smoothing)
+    lod_in, lrate_in, minibatch_in = graph.lod_in, graph.lrate_in, graph.minibatch_in
+    G_opt, D_opt = graph.G_opt, graph.D_opt
+    G_train_op, D_train_op, Gs_update_op = graph.G_train_op, graph.D_train_op, graph.Gs_update_op
 
     print('Setting up snapshot image grid...')
     sched = TrainingSchedule(resume_kimg * 1000, training_set, **config.sched)
@@ -287,6 +261,46 @@ def train_progressive_gan(
     summary_log.close()
     open(os.path.join(result_subdir, '_training-done.txt'), 'wt').close()
     return result_subdir
+
+
+def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False, drange_net=[-1, 1], G_smoothing=0.999):
+    """The training ops: one tower per device, the two optimizers, and the Gs moving average."""
+    graph = config.EasyDict()
+    devices = tfutil.device_names(num_gpus)
+    with tf.device(devices[0]):
+        graph.Gs_update_op = Gs.setup_as_moving_average_of(G, beta=G_smoothing)
+    with tf.name_scope('Inputs'):
+        graph.lod_in = tf.placeholder(tf.float32, name='lod_in', shape=[])
+        graph.lrate_in = tf.placeholder(tf.float32, name='lrate_in', shape=[])
+        graph.minibatch_in = tf.placeholder(tf.int32, name='minibatch_in', shape=[])
+        minibatch_split = graph.minibatch_in // num_gpus
+        reals, labels = training_set.get_minibatch_tf()
+        reals_split = tf.split(reals, num_gpus)
+        labels_split = tf.split(labels, num_gpus)
+    graph.G_opt = tfutil.Optimizer(name='TrainG', learning_rate=graph.lrate_in, **config.G_opt)
+    graph.D_opt = tfutil.Optimizer(name='TrainD', learning_rate=graph.lrate_in, **config.D_opt)
+    graph.G_losses, graph.D_losses = [], []
+    for gpu, device in enumerate(devices):
+        with tf.name_scope('GPU%d' % gpu), tf.device(device):
+            G_gpu = G if gpu == 0 else G.clone(G.name + '_shadow')
+            D_gpu = D if gpu == 0 else D.clone(D.name + '_shadow')
+            lod_assign_ops = [tf.assign(G_gpu.find_var('lod'), graph.lod_in), tf.assign(D_gpu.find_var('lod'), graph.lod_in)]
+            reals_gpu = process_reals(reals_split[gpu], graph.lod_in, mirror_augment, training_set.dynamic_range, drange_net)
+            labels_gpu = labels_split[gpu]
+            with tf.name_scope('G_loss'), tf.control_dependencies(lod_assign_ops):
+                G_loss = tfutil.call_func_by_name(G=G_gpu, D=D_gpu, opt=graph.G_opt, training_set=training_set,
+                                                  minibatch_size=minibatch_split, **config.G_loss)
+            with tf.name_scope('D_loss'), tf.control_dependencies(lod_assign_ops):
+                D_loss = tfutil.call_func_by_name(G=G_gpu, D=D_gpu, opt=graph.D_opt, training_set=training_set,
+                                                  minibatch_size=minibatch_split, reals=reals_gpu, labels=labels_gpu,
+                                                  **config.D_loss)
+            graph.G_opt.register_gradients(tf.reduce_mean(G_loss), G_gpu.trainables)
+            graph.D_opt.register_gradients(tf.reduce_mean(D_loss), D_gpu.trainables)
+            graph.G_losses.append((G_loss, G_gpu))     # Kept for benchmarks that time the bare work.
+            graph.D_losses.append((D_loss, D_gpu))
+    graph.G_train_op = graph.G_opt.apply_updates()
+    graph.D_train_op = graph.D_opt.apply_updates()
+    return graph
 
 
 def resume_progress(network_pkl, resume_kimg, resume_time):
