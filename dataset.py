@@ -32,7 +32,18 @@ def parse_tfrecord_np(record):
     return np.frombuffer(data, np.uint8).reshape(shape)
 
 
-class TFRecordDataset:
+class GraphDataset:
+    """A dataset whose minibatches come from its TF graph: numpy minibatches run that graph."""
+    _tf_minibatch_np = None
+
+    def get_minibatch_np(self, minibatch_size, lod=0):
+        self.configure(minibatch_size, lod)
+        if self._tf_minibatch_np is None:
+            self._tf_minibatch_np = self.get_minibatch_tf()
+        return tfutil.run(self._tf_minibatch_np)
+
+
+class TFRecordDataset(GraphDataset):
     def __init__(self,
                  tfrecord_dir,          # Directory containing a collection of tfrecords files.
                  resolution=None,       # Dataset resolution, None = autodetect.
@@ -46,7 +57,6 @@ class TFRecordDataset:
         self.tfrecord_dir = tfrecord_dir
         self.dtype = 'uint8'
         self.dynamic_range = [0, 255]
-        self._tf_minibatch_np = None
         self._cur_minibatch = -1
         self._cur_lod = -1
 
@@ -146,12 +156,6 @@ class TFRecordDataset:
     def get_minibatch_tf(self):
         return self._tf_iterator.get_next()
 
-    def get_minibatch_np(self, minibatch_size, lod=0):
-        self.configure(minibatch_size, lod)
-        if self._tf_minibatch_np is None:
-            self._tf_minibatch_np = self.get_minibatch_tf()
-        return tfutil.run(self._tf_minibatch_np)
-
     def get_random_labels_tf(self, minibatch_size):
         if self.label_size > 0:
             indices = tf.random_uniform([minibatch_size], 0, self._np_labels.shape[0], dtype=tf.int32)
@@ -168,7 +172,7 @@ class TFRecordDataset:
 # Synthetic data: constant images, for measuring the training loop without data costs.
 
 
-class SyntheticDataset:
+class SyntheticDataset(GraphDataset):
     def __init__(self, resolution=1024, num_channels=3, dtype='uint8', dynamic_range=[0, 255],
                  label_size=0, label_dtype='float32'):
         self.resolution = resolution
@@ -180,7 +184,6 @@ class SyntheticDataset:
         self.label_dtype = label_dtype
         self._tf_minibatch_var = None
         self._tf_lod_var = None
-        self._tf_minibatch_np = None
         self._tf_labels_np = None
         assert self.resolution == 2 ** self.resolution_log2
         with tf.name_scope('Dataset'), tf.device('/cpu:0'):
@@ -198,12 +201,6 @@ class SyntheticDataset:
             shrink = tf.cast(2.0 ** tf.cast(self._tf_lod_var, tf.float32), tf.int32)
             shape = [self.shape[0], self.shape[1] // shrink, self.shape[2] // shrink]
             return self._generate_images(self._tf_minibatch_var, shape), self._generate_labels(self._tf_minibatch_var)
-
-    def get_minibatch_np(self, minibatch_size, lod=0):
-        self.configure(minibatch_size, lod)
-        if self._tf_minibatch_np is None:
-            self._tf_minibatch_np = self.get_minibatch_tf()
-        return tfutil.run(self._tf_minibatch_np)
 
     def get_random_labels_tf(self, minibatch_size):
         with tf.name_scope('SyntheticDataset'):
