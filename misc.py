@@ -171,14 +171,6 @@ def set_output_log_file(filename, mode='wt'):
         output_logger.set_log_file(filename, mode)
 
 
-def close_output_log_file():
-    """Stop writing to the current log file (the next run in this process opens its own)."""
-    global output_logger
-    if output_logger is not None:
-        output_logger.close()
-        output_logger.buffer = io.StringIO()
-
-
 # ----------------------------------------------------------------------------
 # Result directories: results/NNN-desc/.
 

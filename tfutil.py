@@ -8,7 +8,6 @@ code through `tensorflow.compat.v1`, switched to graph mode once, in this one pl
 import importlib
 import inspect
 import sys
-import types
 import weakref
 from collections import OrderedDict
 

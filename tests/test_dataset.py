@@ -5,7 +5,6 @@ import numpy as np
 
 import dataset
 import dataset_tool
-import tfutil
 
 
 def numbered_images(count, resolution):
