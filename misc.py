@@ -1,7 +1,9 @@
 """Helpers without TensorFlow graph code: pickles, images, logging, result directories."""
 
 import glob
+import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -29,8 +31,18 @@ def load_pkl(filename, allow_unknown_source=None):
 
 
 def save_pkl(obj, filename):
+    """Write atomically; returns the SHA-256 of the bytes written (resume-state.json records it)."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     atomic_write_bytes(filename, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(filename):
+    digest = hashlib.sha256()
+    with open(filename, 'rb') as file:
+        for block in iter(lambda: file.read(1 << 22), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(filename, data):
@@ -41,9 +53,73 @@ def atomic_write_bytes(filename, data):
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp_name, filename)
+        _fsync_dir(os.path.dirname(os.path.abspath(filename)))
     finally:
         if os.path.exists(tmp_name):
             os.remove(tmp_name)
+
+
+def _fsync_dir(dirname):
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(dirname, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------
+# Resume state: resume-state.json beside the snapshots names the snapshot it belongs to (with
+# the SHA-256 of its bytes), the exact progress (images shown, wall time, tick, LOD), the
+# numpy random state, and the .npz holding the optimizer state (Adam slots, loss scaling).
+
+RESUME_STATE_FILE = 'resume-state.json'
+
+
+def optimizer_state_name(network_pkl):
+    return os.path.splitext(os.path.basename(network_pkl))[0] + '-optimizer.npz'
+
+
+def save_npz(filename, arrays):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(filename, buffer.getvalue())
+
+
+def save_resume_state(result_subdir, state):
+    """Write resume-state.json atomically (after its snapshot and optimizer state are on disk)."""
+    data = json.dumps(state, indent=1, sort_keys=True).encode('utf-8')
+    atomic_write_bytes(os.path.join(result_subdir, RESUME_STATE_FILE), data)
+
+
+def load_resume_state(network_pkl):
+    """The resume state saved with this very pickle (same name and bytes), or None."""
+    state_file = os.path.join(os.path.dirname(network_pkl), RESUME_STATE_FILE)
+    try:
+        with open(state_file, 'rt', encoding='utf-8') as file:
+            state = json.load(file)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or state.get('snapshot') != os.path.basename(network_pkl):
+        return None
+    if state.get('snapshot_sha256') != file_sha256(network_pkl):
+        return None     # The pickle was rewritten after the state (a kill between the two writes).
+    return state
+
+
+def encode_random_state(state):
+    kind, keys, pos, has_gauss, cached_gaussian = state
+    return [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached_gaussian)]
+
+
+def decode_random_state(state):
+    kind, keys, pos, has_gauss, cached_gaussian = state
+    return (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian)
 
 
 # ----------------------------------------------------------------------------
@@ -176,21 +252,48 @@ def set_output_log_file(filename, mode='wt'):
 
 
 def create_result_subdir(result_dir, desc):
-    """Make the next numbered run directory; mkdir is atomic, so parallel runs never share one."""
+    """Make the next numbered run directory. Runs starting at once never share a directory nor a
+    number (also with different descs): the number is chosen and the directory made under an
+    exclusive lock on result_dir/.result-dir.lock, and mkdir refuses an existing name."""
     os.makedirs(result_dir, exist_ok=True)
-    while True:
-        run_id = max(existing_run_ids(result_dir), default=-1) + 1
-        result_subdir = os.path.join(result_dir, '%03d-%s' % (run_id, desc))
-        try:
-            os.mkdir(result_subdir)
-            break
-        except FileExistsError:
-            continue
+    with _result_dir_lock(result_dir):
+        while True:
+            run_id = max(existing_run_ids(result_dir), default=-1) + 1
+            result_subdir = os.path.join(result_dir, '%03d-%s' % (run_id, desc))
+            try:
+                os.mkdir(result_subdir)
+                break
+            except FileExistsError:
+                continue
     set_output_log_file(os.path.join(result_subdir, 'log.txt'))
     config_file = getattr(config, '__file__', None)
     if config_file and os.path.isfile(config_file):
         shutil.copyfile(config_file, os.path.join(result_subdir, 'config.py'))
     return result_subdir
+
+
+class _result_dir_lock:
+    """An exclusive flock on a lock file in result_dir (POSIX; elsewhere mkdir alone guards names)."""
+
+    def __init__(self, result_dir):
+        self.path = os.path.join(result_dir, '.result-dir.lock')
+        self.file = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+            self.file = open(self.path, 'a')
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            if self.file is not None:
+                self.file.close()
+            self.file = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()       # Closing releases the lock.
+            self.file = None
 
 
 def existing_run_ids(result_dir):
@@ -246,7 +349,11 @@ def _latest_run_with_snapshot():
         subdir = os.path.join(config.result_dir, name)
         if list_network_pkls(subdir):
             return subdir
-    raise IOError('resume_run_id="latest": no run with a network snapshot under "%s"' % config.result_dir)
+    raise NoRunToResume('resume_run_id="latest": no run with a network snapshot under "%s"' % config.result_dir)
+
+
+class NoRunToResume(IOError):
+    """resume_run_id='latest' and no run has a snapshot yet."""
 
 
 def list_network_pkls(run_id_or_result_subdir, include_final=True):

@@ -1,18 +1,24 @@
 """Progressive GAN training: `python train.py` runs what config.py says (training or a utility
 script); `python train.py other_config.py` runs another config file of the same shape."""
 
+import glob
 import os
-import runpy
+import signal
 import sys
 import time
 
 import numpy as np
 
+import checks
 import config
-import dataset
 import misc
-import tfutil
-from tfutil import tf
+
+if __name__ == '__main__':
+    checks.preflight(sys.argv)      # Config mistakes fail here, before the slow TensorFlow import.
+
+import dataset      # noqa: E402 (imports TensorFlow)
+import tfutil       # noqa: E402
+from tfutil import tf   # noqa: E402
 
 # ----------------------------------------------------------------------------
 # Real images as the networks see them at a fractional LOD.
@@ -146,19 +152,24 @@ def train_progressive_gan(
         resume_run_id=None,             # Run ID, run dir or network pkl to resume from; 'latest' = newest run with a snapshot.
         resume_snapshot=None,           # Snapshot index to resume training from, None = latest.
         resume_kimg=None,               # Training progress at the beginning; None = from the snapshot's name.
-        resume_time=None):              # Wall-clock time at the beginning; None = from the resumed run's log.
+        resume_time=None,               # Wall-clock time at the beginning; None = from the resumed run's log.
+        max_nonfinite_ticks=2,          # Stop when G or D losses are non-finite (or every step overflows) for more ticks in a row than this.
+        handle_signals=True):           # SIGTERM / Ctrl-C: finish the step, write a snapshot, exit (143 / 130).
 
     maintenance_start_time = time.time()
+    checks.validate_training_setup(resume_run_id, resume_snapshot)      # Seconds, before any graph is built.
     training_set = dataset.load_dataset(data_dir=config.data_dir, verbose=True, **config.dataset)
     num_gpus = config.num_gpus
 
     # Construct networks.
+    network_pkl = locate_resume_pkl(resume_run_id, resume_snapshot)
+    resume_state = None
     with tf.device(tfutil.device_names(1)[0]):
-        if resume_run_id is not None:
-            network_pkl = misc.locate_network_pkl(resume_run_id, resume_snapshot)
+        if network_pkl is not None:
             print('Loading networks from "%s"...' % network_pkl)
             G, D, Gs = misc.load_pkl(network_pkl)
-            resume_kimg, resume_time = resume_progress(network_pkl, resume_kimg, resume_time)
+            resume_state = misc.load_resume_state(network_pkl)
+            resume_kimg, resume_time = resume_progress(network_pkl, resume_kimg, resume_time, resume_state)
         else:
             print('Constructing networks...')
             net_kwargs = dict(num_channels=training_set.shape[0], resolution=training_set.shape[1],
@@ -177,8 +188,14 @@ def train_progressive_gan(
     G_opt, D_opt = graph.G_opt, graph.D_opt
     G_train_op, D_train_op, Gs_update_op = graph.G_train_op, graph.D_train_op, graph.Gs_update_op
 
+    cur_nimg = int(round(resume_kimg * 1000))
+    sched = TrainingSchedule(cur_nimg, training_set, **config.sched)
+    if resume_state is not None and resume_state.get('optimizer_state'):
+        restore_optimizer_state(os.path.join(os.path.dirname(network_pkl), resume_state['optimizer_state']),
+                                G_opt.variables() + D_opt.variables(),
+                                same_phase=not reset_opt_for_new_lod or same_lod_phase(resume_state['lod'], sched.lod))
+
     print('Setting up snapshot image grid...')
-    sched = TrainingSchedule(resume_kimg * 1000, training_set, **config.sched)
     training_set.configure(sched.minibatch, sched.lod)
     grid_size, grid_reals, grid_labels, grid_latents = setup_snapshot_image_grid(G, training_set, **config.grid)
     grid_fakes = Gs.run(grid_latents, grid_labels, minibatch_size=sched.minibatch // num_gpus)
@@ -197,67 +214,97 @@ def train_progressive_gan(
         D.setup_weight_histograms()
 
     print('Training...')
-    cur_nimg = int(resume_kimg * 1000)
-    cur_tick = 0
+    if resume_state is not None and resume_state.get('numpy_random_state'):
+        np.random.set_state(misc.decode_random_state(resume_state['numpy_random_state']))
+    cur_tick = int(resume_state['tick']) if resume_state is not None else 0
     tick_start_nimg = cur_nimg
     tick_start_time = time.time()
     train_start_time = tick_start_time - resume_time
     prev_lod = -1.0
-    while cur_nimg < total_kimg * 1000:
-        # Choose training parameters and configure training ops.
-        sched = TrainingSchedule(cur_nimg, training_set, **config.sched)
-        training_set.configure(sched.minibatch, sched.lod)
-        if reset_opt_for_new_lod and prev_lod >= 0.0:
-            if np.floor(sched.lod) != np.floor(prev_lod) or np.ceil(sched.lod) != np.ceil(prev_lod):
-                G_opt.reset_optimizer_state()
-                D_opt.reset_optimizer_state()
-        prev_lod = sched.lod
+    snapshots = SnapshotWriter(result_subdir, G, D, Gs, G_opt, D_opt)
+    health = LossHealth(G_opt, D_opt, max_nonfinite_ticks)
+    stop = SignalCatcher([signal.SIGTERM, signal.SIGINT] if handle_signals else [])
+    try:
+        while cur_nimg < total_kimg * 1000:
+            # Choose training parameters and configure training ops.
+            sched = TrainingSchedule(cur_nimg, training_set, **config.sched)
+            training_set.configure(sched.minibatch, sched.lod)
+            if reset_opt_for_new_lod and prev_lod >= 0.0:
+                if not same_lod_phase(sched.lod, prev_lod):
+                    G_opt.reset_optimizer_state()
+                    D_opt.reset_optimizer_state()
+            prev_lod = sched.lod
 
-        # Run training ops.
-        for _ in range(minibatch_repeats):
-            for _ in range(D_repeats):
-                tfutil.run([D_train_op, Gs_update_op], {lod_in: sched.lod, lrate_in: sched.D_lrate, minibatch_in: sched.minibatch})
-                cur_nimg += sched.minibatch
-            tfutil.run([G_train_op], {lod_in: sched.lod, lrate_in: sched.G_lrate, minibatch_in: sched.minibatch})
+            # Run training ops.
+            for _ in range(minibatch_repeats):
+                for _ in range(D_repeats):
+                    _, _, D_loss = tfutil.run([D_train_op, Gs_update_op, graph.D_loss_mean], {lod_in: sched.lod, lrate_in: sched.D_lrate, minibatch_in: sched.minibatch})
+                    cur_nimg += sched.minibatch
+                    health.record('D', D_loss)
+                _, G_loss = tfutil.run([G_train_op, graph.G_loss_mean], {lod_in: sched.lod, lrate_in: sched.G_lrate, minibatch_in: sched.minibatch})
+                health.record('G', G_loss)
+                if stop.signum is not None:
+                    break
 
-        # Perform maintenance tasks once per tick.
-        done = (cur_nimg >= total_kimg * 1000)
-        if cur_nimg >= tick_start_nimg + sched.tick_kimg * 1000 or done:
-            cur_tick += 1
-            cur_time = time.time()
-            tick_kimg = (cur_nimg - tick_start_nimg) / 1000.0
-            tick_start_nimg = cur_nimg
-            tick_time = cur_time - tick_start_time
-            total_time = cur_time - train_start_time
-            maintenance_time = tick_start_time - maintenance_start_time
-            maintenance_start_time = cur_time
+            # SIGTERM / Ctrl-C: the step is done; snapshot the current state (unless it is a bad one) and exit.
+            if stop.signum is not None:
+                total_time = time.time() - train_start_time
+                name = 'network-snapshot-%06d.pkl' % (cur_nimg // 1000)
+                if health.current_tick_bad():
+                    print('%s at kimg %.3f: losses are not finite, so no snapshot is written; the last good one is %s' % (
+                        stop.name, cur_nimg / 1000.0, snapshots.last_name))
+                else:
+                    snapshots.save(name, cur_nimg, total_time, cur_tick, sched.lod)
+                    print('%s at kimg %.3f (tick %d, time %s): wrote %s and %s; exiting' % (
+                        stop.name, cur_nimg / 1000.0, cur_tick, misc.format_time(total_time), name, misc.RESUME_STATE_FILE))
+                summary_log.close()
+                raise SystemExit(128 + stop.signum)
 
-            # Report progress.
-            print('tick %-5d kimg %-8.1f lod %-5.2f minibatch %-4d time %-12s sec/tick %-7.1f sec/kimg %-7.2f maintenance %.1f' % (
-                tfutil.autosummary('Progress/tick', cur_tick),
-                tfutil.autosummary('Progress/kimg', cur_nimg / 1000.0),
-                tfutil.autosummary('Progress/lod', sched.lod),
-                tfutil.autosummary('Progress/minibatch', sched.minibatch),
-                misc.format_time(tfutil.autosummary('Timing/total_sec', total_time)),
-                tfutil.autosummary('Timing/sec_per_tick', tick_time),
-                tfutil.autosummary('Timing/sec_per_kimg', tick_time / tick_kimg),
-                tfutil.autosummary('Timing/maintenance_sec', maintenance_time)))
-            tfutil.autosummary('Timing/total_hours', total_time / (60.0 * 60.0))
-            tfutil.autosummary('Timing/total_days', total_time / (24.0 * 60.0 * 60.0))
-            tfutil.save_summaries(summary_log, cur_nimg)
+            # Perform maintenance tasks once per tick.
+            done = (cur_nimg >= total_kimg * 1000)
+            if cur_nimg >= tick_start_nimg + sched.tick_kimg * 1000 or done:
+                cur_tick += 1
+                cur_time = time.time()
+                tick_kimg = (cur_nimg - tick_start_nimg) / 1000.0
+                tick_start_nimg = cur_nimg
+                tick_time = cur_time - tick_start_time
+                total_time = cur_time - train_start_time
+                maintenance_time = tick_start_time - maintenance_start_time
+                maintenance_start_time = cur_time
 
-            # Save snapshots.
-            if cur_tick % image_snapshot_ticks == 0 or done:
-                grid_fakes = Gs.run(grid_latents, grid_labels, minibatch_size=sched.minibatch // num_gpus)
-                misc.save_image_grid(grid_fakes, os.path.join(result_subdir, 'fakes%06d.png' % (cur_nimg // 1000)), drange=drange_net, grid_size=grid_size)
-            if cur_tick % network_snapshot_ticks == 0 or done:
-                misc.save_pkl((G, D, Gs), os.path.join(result_subdir, 'network-snapshot-%06d.pkl' % (cur_nimg // 1000)))
+                # Report progress.
+                print('tick %-5d kimg %-8.1f lod %-5.2f minibatch %-4d time %-12s sec/tick %-7.1f sec/kimg %-7.2f maintenance %.1f' % (
+                    tfutil.autosummary('Progress/tick', cur_tick),
+                    tfutil.autosummary('Progress/kimg', cur_nimg / 1000.0),
+                    tfutil.autosummary('Progress/lod', sched.lod),
+                    tfutil.autosummary('Progress/minibatch', sched.minibatch),
+                    misc.format_time(tfutil.autosummary('Timing/total_sec', total_time)),
+                    tfutil.autosummary('Timing/sec_per_tick', tick_time),
+                    tfutil.autosummary('Timing/sec_per_kimg', tick_time / tick_kimg),
+                    tfutil.autosummary('Timing/maintenance_sec', maintenance_time)))
+                tfutil.autosummary('Timing/total_hours', total_time / (60.0 * 60.0))
+                tfutil.autosummary('Timing/total_days', total_time / (24.0 * 60.0 * 60.0))
+                tfutil.save_summaries(summary_log, cur_nimg)
 
-            # Record start time of the next tick.
-            tick_start_time = time.time()
+                # Save snapshots.
+                if cur_tick % image_snapshot_ticks == 0 or done:
+                    grid_fakes = Gs.run(grid_latents, grid_labels, minibatch_size=sched.minibatch // num_gpus)
+                    misc.save_image_grid(grid_fakes, os.path.join(result_subdir, 'fakes%06d.png' % (cur_nimg // 1000)), drange=drange_net, grid_size=grid_size)
+                tick_bad = health.end_tick(cur_tick, cur_nimg, snapshots.last_name)   # Raises TrainingStopped when it persists.
+                if (cur_tick % network_snapshot_ticks == 0 or done) and not tick_bad:
+                    snapshots.save('network-snapshot-%06d.pkl' % (cur_nimg // 1000), cur_nimg, total_time, cur_tick, sched.lod)
+
+                # Record start time of the next tick.
+                tick_start_time = time.time()
+
+        if health.bad_ticks:
+            raise TrainingStopped('Training ended with non-finite losses in the last tick; network-final.pkl is not '
+                                  'written. The last good snapshot is %s' % snapshots.last_name)
+    finally:
+        stop.restore()
 
     # Write final results.
-    misc.save_pkl((G, D, Gs), os.path.join(result_subdir, 'network-final.pkl'))
+    snapshots.save('network-final.pkl', cur_nimg, time.time() - train_start_time, cur_tick, sched.lod)
     summary_log.close()
     open(os.path.join(result_subdir, '_training-done.txt'), 'wt').close()
     return result_subdir
@@ -280,6 +327,7 @@ def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False,
     graph.G_opt = tfutil.Optimizer(name='TrainG', learning_rate=graph.lrate_in, **config.G_opt)
     graph.D_opt = tfutil.Optimizer(name='TrainD', learning_rate=graph.lrate_in, **config.D_opt)
     graph.G_losses, graph.D_losses = [], []
+    G_means, D_means = [], []
     for gpu, device in enumerate(devices):
         with tf.name_scope('GPU%d' % gpu), tf.device(device):
             G_gpu = G if gpu == 0 else G.clone(G.name + '_shadow')
@@ -294,17 +342,44 @@ def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False,
                 D_loss = tfutil.call_func_by_name(G=G_gpu, D=D_gpu, opt=graph.D_opt, training_set=training_set,
                                                   minibatch_size=minibatch_split, reals=reals_gpu, labels=labels_gpu,
                                                   **config.D_loss)
-            graph.G_opt.register_gradients(tf.reduce_mean(G_loss), G_gpu.trainables)
-            graph.D_opt.register_gradients(tf.reduce_mean(D_loss), D_gpu.trainables)
+            G_means.append(tf.reduce_mean(G_loss))
+            D_means.append(tf.reduce_mean(D_loss))
+            graph.G_opt.register_gradients(G_means[-1], G_gpu.trainables)
+            graph.D_opt.register_gradients(D_means[-1], D_gpu.trainables)
             graph.G_losses.append((G_loss, G_gpu))     # Kept for benchmarks that time the bare work.
             graph.D_losses.append((D_loss, D_gpu))
+    with tf.name_scope('LossMeans'), tf.device(devices[0]):    # Fetched with each step: the losses already computed.
+        graph.G_loss_mean = tf.add_n([tf.cast(x, tf.float32) for x in G_means]) / len(G_means)
+        graph.D_loss_mean = tf.add_n([tf.cast(x, tf.float32) for x in D_means]) / len(D_means)
     graph.G_train_op = graph.G_opt.apply_updates()
     graph.D_train_op = graph.D_opt.apply_updates()
     return graph
 
 
-def resume_progress(network_pkl, resume_kimg, resume_time):
-    """Fill in resume_kimg/resume_time left at None from the snapshot's name and its run's log."""
+def locate_resume_pkl(resume_run_id, resume_snapshot=None):
+    """The pickle to resume from, or None to start from scratch (no resume_run_id, or 'latest' and no
+    run has a snapshot yet: then a preempted job's very first start and its restarts are one command)."""
+    if resume_run_id is None:
+        return None
+    try:
+        return misc.locate_network_pkl(resume_run_id, resume_snapshot)
+    except misc.NoRunToResume:
+        if resume_run_id != 'latest':
+            raise
+        print('resume_run_id="latest": no run with a network snapshot under "%s" yet; starting from scratch' % config.result_dir)
+        return None
+
+
+def resume_progress(network_pkl, resume_kimg, resume_time, resume_state=None):
+    """Fill in resume_kimg/resume_time left at None: from the snapshot's resume-state.json when it
+    belongs to this very pickle (exact), otherwise from the snapshot's name and its run's log."""
+    if resume_state is not None:
+        if resume_kimg is None:
+            resume_kimg = resume_state['cur_nimg'] / 1000.0
+        if resume_time is None:
+            resume_time = resume_state['total_time']
+        print('Resume state from %s: kimg %.3f, tick %d, lod %.2f' % (
+            misc.RESUME_STATE_FILE, resume_state['cur_nimg'] / 1000.0, resume_state['tick'], resume_state['lod']))
     if resume_kimg is None:
         resume_kimg = misc.snapshot_kimg(network_pkl)
         if resume_kimg is None:
@@ -315,19 +390,155 @@ def resume_progress(network_pkl, resume_kimg, resume_time):
     print('Resuming at kimg %.1f, time %s' % (resume_kimg, misc.format_time(resume_time)))
     return float(resume_kimg), float(resume_time)
 
+def same_lod_phase(lod_a, lod_b):
+    """The optimizer-reset rule: a new phase starts when floor or ceil of the LOD changes."""
+    return np.floor(lod_a) == np.floor(lod_b) and np.ceil(lod_a) == np.ceil(lod_b)
+
+
+def is_loss_scaling_var(var):
+    return 'LossScalingVars' in var.name
+
+
+def restore_optimizer_state(npz_path, variables, same_phase):
+    """Load the saved optimizer state: loss scaling always (the original never resets it), the Adam
+    slots only when training resumes in the LOD phase they were saved in (else they stay reset)."""
+    try:
+        with np.load(npz_path) as data:
+            saved = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as error:
+        print('Cannot read optimizer state "%s" (%s); starting with fresh optimizer state' % (npz_path, error))
+        return {}
+    wanted = [var for var in variables if same_phase or is_loss_scaling_var(var)]
+    values = {var: saved[var.name] for var in wanted
+              if var.name in saved and list(saved[var.name].shape) == var.shape.as_list()}
+    tfutil.set_vars(values)
+    print('Restored optimizer state from "%s": %d of %d variables (%s)%s' % (
+        os.path.basename(npz_path), len(values), len(variables),
+        'Adam slots and loss scaling' if same_phase else 'loss scaling only: new LOD phase, Adam slots reset',
+        '' if len(values) == len(wanted) else '; %d not in the file (different setup?) start fresh' % (len(wanted) - len(values))))
+    return values
+
+
+class SnapshotWriter:
+    """Network pickle, then its optimizer state (.npz), then resume-state.json naming both: each
+    written atomically, in this order, so the json only ever names files that are complete."""
+
+    def __init__(self, result_subdir, G, D, Gs, G_opt, D_opt):
+        self.result_subdir = result_subdir
+        self.networks = (G, D, Gs)
+        self.opt_vars = G_opt.variables() + D_opt.variables()
+        self.last_name = None
+
+    def save(self, name, cur_nimg, total_time, cur_tick, lod):
+        network_pkl = os.path.join(self.result_subdir, name)
+        sha256 = misc.save_pkl(self.networks, network_pkl)
+        values = tfutil.run(self.opt_vars)
+        opt_name = misc.optimizer_state_name(network_pkl)
+        misc.save_npz(os.path.join(self.result_subdir, opt_name), {var.name: value for var, value in zip(self.opt_vars, values)})
+        misc.save_resume_state(self.result_subdir, dict(
+            snapshot=name, snapshot_sha256=sha256, optimizer_state=opt_name,
+            cur_nimg=int(cur_nimg), kimg=cur_nimg / 1000.0, total_time=float(total_time), tick=int(cur_tick),
+            lod=float(lod), lod_phase=[float(np.floor(lod)), float(np.ceil(lod))],
+            loss_scaling={var.name: float(value) for var, value in zip(self.opt_vars, values) if is_loss_scaling_var(var)},
+            numpy_random_state=misc.encode_random_state(np.random.get_state()),
+            saved_at=time.strftime('%Y-%m-%d %H:%M:%S')))
+        for old in glob.glob(os.path.join(self.result_subdir, '*-optimizer.npz')):
+            if os.path.basename(old) != opt_name:       # Only the state the json names is needed.
+                os.remove(old)
+        self.last_name = name
+        return network_pkl
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot usefully continue (non-finite losses that persist)."""
+
+
+class LossHealth:
+    """Counts, per tick, steps whose mean G / D loss was finite, and with loss scaling whether every
+    step overflowed (the scale then fell by loss_scaling_dec per step). A tick where G or D had no
+    finite step, or every step overflowed, is bad; more than `max_bad` bad ticks in a row stop the
+    run. The losses come with the training steps (no extra work); loss scales are read once a tick."""
+
+    def __init__(self, G_opt, D_opt, max_bad):
+        self.max_bad = max_bad
+        self.bad_ticks = 0
+        self.ls = [(opt, var) for opt in [G_opt, D_opt] for var in opt.variables() if is_loss_scaling_var(var)]
+        self._start_tick()
+
+    def _start_tick(self):
+        self.steps = {'G': 0, 'D': 0}
+        self.finite = {'G': 0, 'D': 0}
+        self.ls_start = tfutil.run([var for _, var in self.ls]) if self.ls else []
+
+    def record(self, which, loss):
+        self.steps[which] += 1
+        self.finite[which] += int(np.isfinite(loss))
+
+    def problems(self):
+        found = ['%s loss non-finite in all %d steps' % (w, self.steps[w]) for w in 'GD' if self.steps[w] and not self.finite[w]]
+        if self.ls:
+            ls_end = tfutil.run([var for _, var in self.ls])
+            for (opt, var), start, end in zip(self.ls, self.ls_start, ls_end):
+                steps = self.steps['G' if opt.id.endswith('G') else 'D']
+                if steps and end <= start - opt.loss_scaling_dec * steps + 1e-3:
+                    found.append('every %s step overflowed (loss scale 2^%.1f)' % (opt.id, end))
+        return found
+
+    def current_tick_bad(self):
+        return bool(self.problems()) or self.bad_ticks > 0
+
+    def end_tick(self, cur_tick, cur_nimg, last_snapshot):
+        problems = self.problems()
+        self._start_tick()
+        if not problems:
+            self.bad_ticks = 0
+            return False
+        self.bad_ticks += 1
+        print('Warning: tick %d (kimg %.3f): %s; steps were skipped, no snapshot written (%d bad tick%s in a row)' % (
+            cur_tick, cur_nimg / 1000.0, '; '.join(problems), self.bad_ticks, '' if self.bad_ticks == 1 else 's'))
+        if self.bad_ticks > self.max_bad:
+            raise TrainingStopped('Training stopped at kimg %.3f: %s for %d ticks in a row (max_nonfinite_ticks=%d). '
+                                  'The last good snapshot is %s, left as it was. Lower the learning rates, or for fp16 '
+                                  'check the loss-scaling settings, then resume from it.' % (
+                                      cur_nimg / 1000.0, '; '.join(problems), self.bad_ticks, self.max_bad,
+                                      last_snapshot or 'none (no snapshot was written in this run)'))
+        return True
+
+
+class SignalCatcher:
+    """Notes SIGTERM / SIGINT so the loop can finish its step and snapshot; a second Ctrl-C interrupts."""
+
+    def __init__(self, signums):
+        self.signum = None
+        self.previous = {}
+        for signum in signums:
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:      # Not the main thread: signals stay as they were.
+                pass
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        sys.stderr.write('\n%s received: finishing the current step, then writing a snapshot...\n' % signal.Signals(signum).name)
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
 # ----------------------------------------------------------------------------
 # Main entry point: the config decides what runs.
 
 
 def use_config_file(path):
     """Replace the contents of the `config` module (which every module shares) with another file's."""
-    namespace = runpy.run_path(path)
-    for name in [n for n in vars(config) if not n.startswith('__')]:
-        delattr(config, name)
-    for name, value in namespace.items():
-        if not name.startswith('__'):
-            setattr(config, name, value)
-    config.__file__ = os.path.abspath(path)
+    checks.load_config_file(path)
 
 
 def session_config(tf_config, num_gpus):
@@ -349,7 +560,12 @@ def main(argv):
     os.environ.update(config.env)
     tfutil.init_tf(session_config(config.tf_config, config.num_gpus))
     print('Running %s()...' % config.train['func'])
-    tfutil.call_func_by_name(**config.train)
+    try:
+        tfutil.call_func_by_name(**config.train)
+    except checks.ConfigError as error:
+        sys.exit('Configuration error: %s' % error)
+    except TrainingStopped as error:
+        sys.exit(str(error))
     print('Exiting...')
 
 
