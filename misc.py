@@ -32,9 +32,13 @@ def load_pkl(filename, allow_unknown_source=None):
 
 def save_pkl(obj, filename):
     """Write atomically; returns the SHA-256 of the bytes written (resume-state.json records it)."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    data = pkl_bytes(obj)
     atomic_write_bytes(filename, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def pkl_bytes(obj):
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def file_sha256(filename):
@@ -77,12 +81,15 @@ def _fsync_dir(dirname):
 # Resume state: resume-state.json beside the snapshots names the snapshot it belongs to (with
 # the SHA-256 of its bytes), the exact progress (images shown, wall time, tick, LOD), the
 # numpy random state, and the .npz holding the optimizer state (Adam slots, loss scaling).
+# Its top level describes the newest snapshot; 'previous' lists older ones (newest first), so the
+# pickle on disk always has its entry, even when a kill falls between the json and the pickle
+# (snapshot names repeat when ticks are shorter than 1 kimg).
 
 RESUME_STATE_FILE = 'resume-state.json'
 
 
-def optimizer_state_name(network_pkl):
-    return os.path.splitext(os.path.basename(network_pkl))[0] + '-optimizer.npz'
+def optimizer_state_name(cur_nimg):
+    return 'optimizer-state-%09d.npz' % cur_nimg
 
 
 def save_npz(filename, arrays):
@@ -97,19 +104,35 @@ def save_resume_state(result_subdir, state):
     atomic_write_bytes(os.path.join(result_subdir, RESUME_STATE_FILE), data)
 
 
-def load_resume_state(network_pkl):
-    """The resume state saved with this very pickle (same name and bytes), or None."""
-    state_file = os.path.join(os.path.dirname(network_pkl), RESUME_STATE_FILE)
+def read_resume_state(result_subdir):
     try:
-        with open(state_file, 'rt', encoding='utf-8') as file:
+        with open(os.path.join(result_subdir, RESUME_STATE_FILE), 'rt', encoding='utf-8') as file:
             state = json.load(file)
     except (OSError, ValueError):
         return None
-    if not isinstance(state, dict) or state.get('snapshot') != os.path.basename(network_pkl):
+    return state if isinstance(state, dict) else None
+
+
+def resume_state_entries(state):
+    """The newest snapshot's entry, then the older ones."""
+    if state is None:
+        return []
+    newest = {k: v for k, v in state.items() if k != 'previous'}
+    return [newest] + list(state.get('previous', []))
+
+
+def load_resume_state(network_pkl):
+    """The resume state saved with this very pickle (same name and bytes), or None. An entry without
+    an optimizer_state (older snapshots) still gives exact progress."""
+    entries = resume_state_entries(read_resume_state(os.path.dirname(network_pkl)))
+    entries = [e for e in entries if e.get('snapshot') == os.path.basename(network_pkl)]
+    if not entries:
         return None
-    if state.get('snapshot_sha256') != file_sha256(network_pkl):
-        return None     # The pickle was rewritten after the state (a kill between the two writes).
-    return state
+    sha256 = file_sha256(network_pkl)
+    for entry in entries:
+        if entry.get('snapshot_sha256') == sha256:
+            return entry
+    return None
 
 
 def encode_random_state(state):

@@ -2,6 +2,7 @@
 script); `python train.py other_config.py` runs another config file of the same shape."""
 
 import glob
+import hashlib
 import os
 import signal
 import sys
@@ -431,19 +432,28 @@ class SnapshotWriter:
 
     def save(self, name, cur_nimg, total_time, cur_tick, lod):
         network_pkl = os.path.join(self.result_subdir, name)
-        sha256 = misc.save_pkl(self.networks, network_pkl)
+        data = misc.pkl_bytes(self.networks)
         values = tfutil.run(self.opt_vars)
-        opt_name = misc.optimizer_state_name(network_pkl)
+        opt_name = misc.optimizer_state_name(cur_nimg)
         misc.save_npz(os.path.join(self.result_subdir, opt_name), {var.name: value for var, value in zip(self.opt_vars, values)})
-        misc.save_resume_state(self.result_subdir, dict(
-            snapshot=name, snapshot_sha256=sha256, optimizer_state=opt_name,
+        entry = dict(
+            snapshot=name, snapshot_sha256=hashlib.sha256(data).hexdigest(), optimizer_state=opt_name,
             cur_nimg=int(cur_nimg), kimg=cur_nimg / 1000.0, total_time=float(total_time), tick=int(cur_tick),
             lod=float(lod), lod_phase=[float(np.floor(lod)), float(np.ceil(lod))],
             loss_scaling={var.name: float(value) for var, value in zip(self.opt_vars, values) if is_loss_scaling_var(var)},
             numpy_random_state=misc.encode_random_state(np.random.get_state()),
-            saved_at=time.strftime('%Y-%m-%d %H:%M:%S')))
-        for old in glob.glob(os.path.join(self.result_subdir, '*-optimizer.npz')):
-            if os.path.basename(old) != opt_name:       # Only the state the json names is needed.
+            saved_at=time.strftime('%Y-%m-%d %H:%M:%S'))
+        # Older entries keep their progress; only the newest two keep optimizer and random state.
+        older = misc.resume_state_entries(misc.read_resume_state(self.result_subdir))
+        for i, old in enumerate(older):
+            if i >= 1:
+                old.pop('optimizer_state', None)
+                old.pop('numpy_random_state', None)
+        misc.save_resume_state(self.result_subdir, dict(entry, previous=older[:20]))     # Before the pickle.
+        misc.atomic_write_bytes(network_pkl, data)
+        keep = {opt_name} | {e.get('optimizer_state') for e in older[:1]}
+        for old in glob.glob(os.path.join(self.result_subdir, 'optimizer-state-*.npz')):
+            if os.path.basename(old) not in keep:
                 os.remove(old)
         self.last_name = name
         return network_pkl

@@ -82,14 +82,14 @@ def test_sigkill_at_random_moments_then_the_same_command_finishes(data8, tmp_pat
     done = [d for d in dirs if os.path.isfile(os.path.join(d, '_training-done.txt'))]
     assert done == [dirs[-1]]
     assert len(load_all_snapshots(results, session)) >= 4
-    for d in dirs:      # resume-state.json is never torn: it always parses and names a file of its run.
-        if os.path.isfile(os.path.join(d, 'resume-state.json')):
-            assert os.path.isfile(os.path.join(d, resume_state(d)['snapshot']))
+    for d in dirs:      # resume-state.json is never torn, and every pickle on disk has its exact entry.
+        for pkl in snapshots(d):
+            entry = misc.load_resume_state(pkl)
+            assert entry is not None and entry['snapshot'] == os.path.basename(pkl), pkl
 
     # kimg carries on: each restart resumes from the newest snapshot of an earlier run, at a kimg at
     # least that of the previous restart, and its ticks continue from there.
     last_resume = 0.0
-    exact_resumes = 0
     for i, d in enumerate(dirs):
         pkl, exact = resumed_from(d)
         ticks = [k for k, _ in tick_lines(d)]
@@ -99,13 +99,13 @@ def test_sigkill_at_random_moments_then_the_same_command_finishes(data8, tmp_pat
         else:
             source = os.path.dirname(pkl)
             assert source in dirs[:i]
-            resume = exact if exact is not None else misc.snapshot_kimg(pkl)
-            exact_resumes += exact is not None
+            assert exact is not None, 'run %s resumed without its resume state' % d
+            resume = exact
+            assert resume == misc.load_resume_state(pkl)['kimg']
             assert resume >= last_resume
             assert resume <= max(k for k, _ in tick_lines(source)) + 0.05
         assert ticks == sorted(ticks) and all(k > resume for k in ticks)
         last_resume = resume
-    assert exact_resumes >= 2       # Exact progress from resume-state.json, not the kimg in the name.
     assert tick_lines(dirs[-1])[-1][0] == pytest.approx(2.5, abs=0.06)
 
 
