@@ -277,7 +277,7 @@ def set_output_log_file(filename, mode='wt'):
 def create_result_subdir(result_dir, desc):
     """Make the next numbered run directory. Runs starting at once never share a directory nor a
     number (also with different descs): the number is chosen and the directory made under an
-    exclusive lock on result_dir/.result-dir.lock, and mkdir refuses an existing name."""
+    exclusive lock on result_dir, and mkdir refuses an existing name."""
     os.makedirs(result_dir, exist_ok=True)
     with _result_dir_lock(result_dir):
         while True:
@@ -296,27 +296,28 @@ def create_result_subdir(result_dir, desc):
 
 
 class _result_dir_lock:
-    """An exclusive flock on a lock file in result_dir (POSIX; elsewhere mkdir alone guards names)."""
+    """An exclusive flock on result_dir itself (POSIX; no lock file among the runs). Where that is
+    not available, mkdir alone still keeps names apart."""
 
     def __init__(self, result_dir):
-        self.path = os.path.join(result_dir, '.result-dir.lock')
-        self.file = None
+        self.result_dir = result_dir
+        self.fd = None
 
     def __enter__(self):
         try:
             import fcntl
-            self.file = open(self.path, 'a')
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+            self.fd = os.open(self.result_dir, os.O_RDONLY)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
         except (ImportError, OSError):
-            if self.file is not None:
-                self.file.close()
-            self.file = None
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = None
         return self
 
     def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()       # Closing releases the lock.
-            self.file = None
+        if self.fd is not None:
+            os.close(self.fd)       # Closing releases the lock.
+            self.fd = None
 
 
 def existing_run_ids(result_dir):

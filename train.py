@@ -570,11 +570,12 @@ def main(argv):
     os.environ.update(config.env)
     tfutil.init_tf(session_config(config.tf_config, config.num_gpus))
     print('Running %s()...' % config.train['func'])
+    import train as train_module    # The config names 'train.…', a module other than __main__.
     try:
         tfutil.call_func_by_name(**config.train)
     except checks.ConfigError as error:
         sys.exit('Configuration error: %s' % error)
-    except TrainingStopped as error:
+    except (TrainingStopped, train_module.TrainingStopped) as error:
         sys.exit(str(error))
     print('Exiting...')
 

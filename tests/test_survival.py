@@ -142,6 +142,37 @@ def test_sigterm_writes_a_loadable_snapshot_of_the_current_kimg(data8, tmp_path,
 
 
 # ----------------------------------------------------------------------------
+# Losses that stay non-finite stop the run; the last good snapshot stays as it was.
+
+
+def test_persistent_nan_stops_the_run_and_keeps_the_last_good_snapshot(data8, tmp_path, session):
+    results = str(tmp_path / 'results')
+    cfg = append(write_config(tmp_path / 'nan.py', results, dict(tfrecord_dir=data8), desc='nan',
+                              train=dict(total_kimg=5, max_nonfinite_ticks=2), sched=SCHED),
+                 "D_loss = EasyDict(func='tests.survival_losses.D_nan_when_fading')\n")
+    start = time.time()
+    result = subprocess.run([sys.executable, 'train.py', cfg], cwd=REPO, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    [run_dir] = run_dirs(results)
+    ticks = tick_lines(run_dir)
+    # Ticks 1-2 train at lod 1 (good); from tick 3 on D is NaN: ticks 3 and 4 are tolerated, tick 5 stops.
+    assert len(ticks) == 5 and ticks[1][1] == 1.0 and ticks[2][1] < 1.0
+    assert output.count('D loss non-finite in all 32 steps; steps were skipped') == 3 and 'Traceback' not in output
+    assert 'Training stopped at kimg 1.280' in output and 'max_nonfinite_ticks=2' in output
+    assert 'The last good snapshot is network-snapshot-000000.pkl' in output
+    # Only the good snapshot (tick 2, kimg 0.512) exists, with its exact state; nothing final.
+    assert [os.path.basename(p) for p in snapshots(run_dir)] == ['network-snapshot-000000.pkl']
+    entry = misc.load_resume_state(snapshots(run_dir)[0])
+    assert entry is not None and entry['cur_nimg'] == 512 and entry['tick'] == 2
+    G, D, Gs = misc.load_pkl(snapshots(run_dir)[0])
+    values = tfutil.run(list(D.vars.values()))
+    assert all(np.isfinite(v).all() for v in values)
+    assert not os.path.isfile(os.path.join(run_dir, '_training-done.txt'))
+    assert time.time() - start < 300
+
+
+# ----------------------------------------------------------------------------
 # Resuming inside the same LOD phase restores the Adam slots and loss scaling; a new phase resets
 # the slots (loss scaling carries on). Two resumed runs start at once: distinct result dirs.
 
@@ -218,28 +249,24 @@ def test_resume_in_the_same_lod_phase_restores_optimizer_state(data8, tmp_path, 
 # Result directories: numbers are claimed atomically, also with different descs at the same moment.
 
 
-def _claim(args):
-    result_dir, desc, barrier = args
+def _claim_worker(result_dir, desc, barrier, queue, repeats):
     barrier.wait()
-    return misc.create_result_subdir(result_dir, desc)
-
-
-def _claim_worker(result_dir, desc, barrier, queue):
-    queue.put(_claim((result_dir, desc, barrier)))
+    queue.put([misc.create_result_subdir(result_dir, '%s-%d' % (desc, i)) for i in range(repeats)])
 
 
 def test_result_dirs_started_at_once_never_share_a_number(tmp_path):
     ctx = multiprocessing.get_context('fork')
-    count = 8
+    count, repeats = 8, 10
     barrier, queue = ctx.Barrier(count), ctx.Queue()
-    procs = [ctx.Process(target=_claim_worker, args=(str(tmp_path), 'desc%d' % i, barrier, queue)) for i in range(count)]
+    procs = [ctx.Process(target=_claim_worker, args=(str(tmp_path), 'desc%d' % i, barrier, queue, repeats))
+             for i in range(count)]
     for proc in procs:
         proc.start()
-    made = [queue.get(timeout=60) for _ in procs]
+    made = [d for _ in procs for d in queue.get(timeout=60)]
     for proc in procs:
         proc.join()
     numbers = sorted(int(os.path.basename(d).split('-')[0]) for d in made)
-    assert numbers == list(range(count))
+    assert numbers == list(range(count * repeats))      # Each number once, none skipped.
 
 
 # ----------------------------------------------------------------------------
