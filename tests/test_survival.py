@@ -110,18 +110,19 @@ def test_sigkill_at_random_moments_then_the_same_command_finishes(data8, tmp_pat
 
 
 # ----------------------------------------------------------------------------
-# SIGTERM: finish the step, snapshot the current kimg, exit 143.
+# SIGTERM / Ctrl-C: finish the step, snapshot the current kimg, exit 143 / 130.
 
 
-def test_sigterm_writes_a_loadable_snapshot_of_the_current_kimg(data8, tmp_path, session):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_sigterm_writes_a_loadable_snapshot_of_the_current_kimg(data8, tmp_path, session, signum):
     results = str(tmp_path / 'results')
     cfg = write_config(tmp_path / 'run.py', results, dict(tfrecord_dir=data8), desc='term',
                        train=dict(total_kimg=50, network_snapshot_ticks=1000, image_snapshot_ticks=1000), sched=SCHED)
     proc = start_train(cfg, tmp_path / 'out.txt')
     try:
         assert wait_for(lambda: run_dirs(results) and len(tick_lines(run_dirs(results)[0])) >= 2, 300, proc)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        proc.send_signal(signum)
+        assert proc.wait(timeout=120) == 128 + signum
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -134,7 +135,7 @@ def test_sigterm_writes_a_loadable_snapshot_of_the_current_kimg(data8, tmp_path,
     assert state['tick'] == len(ticks)
     assert ticks[-1][0] - 0.05 <= state['kimg'] < ticks[-1][0] + 0.05 + 0.25 + 0.032
     assert state['cur_nimg'] % 8 == 0       # Whole D+G steps (minibatch 8) only.
-    assert 'SIGTERM at kimg %.3f (tick %d' % (state['kimg'], state['tick']) in log_text(run_dir)
+    assert '%s at kimg %.3f (tick %d' % (signal.Signals(signum).name, state['kimg'], state['tick']) in log_text(run_dir)
     assert state['snapshot'] == 'network-snapshot-%06d.pkl' % (state['cur_nimg'] // 1000)
     G, D, Gs = misc.load_pkl(os.path.join(run_dir, state['snapshot']))
     assert misc.file_sha256(os.path.join(run_dir, state['snapshot'])) == state['snapshot_sha256']
