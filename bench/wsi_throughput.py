@@ -10,7 +10,9 @@ field of view, i.e. LODs 0, 1, 2 and 4 of a resolution-512 downsample-4 run. Bas
   raw:   read_region + resize on one already-open handle at random tissue locations;
   snap:  the same with the corner snapped to the read level's pixel grid as PatchSampler does
          (OpenSlide's fractional-position path is several times slower): the fair reference
-         for the sampler's own overhead.
+         for the sampler's own overhead. (The sampler reads through wsi.read_region_rgb, into a
+         numpy buffer without the PIL image and np.asarray copy these baselines pay, about
+         1.4 ms less per 512-px read, so it can beat snap.)
 """
 
 import argparse
