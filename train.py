@@ -152,8 +152,8 @@ def train_progressive_gan(
         save_weight_histograms=False,   # Include weight histograms in the tfevents file?
         resume_run_id=None,             # Run ID, run dir or network pkl to resume from; 'latest' = newest run with a snapshot.
         resume_snapshot=None,           # Snapshot index to resume training from, None = latest.
-        resume_kimg=None,               # Training progress at the beginning; None = from the snapshot's name.
-        resume_time=None,               # Wall-clock time at the beginning; None = from the resumed run's log.
+        resume_kimg=None,               # Training progress at the beginning; None = exact from resume-state.json, else from the snapshot's name.
+        resume_time=None,               # Wall-clock time at the beginning; None = from resume-state.json, else from the resumed run's log.
         max_nonfinite_ticks=2,          # Stop when G or D losses are non-finite (or every step overflows) for more ticks in a row than this.
         handle_signals=True):           # SIGTERM / Ctrl-C: finish the step, write a snapshot, exit (143 / 130).
 
@@ -472,13 +472,14 @@ class LossHealth:
     def __init__(self, G_opt, D_opt, max_bad):
         self.max_bad = max_bad
         self.bad_ticks = 0
-        self.ls = [(opt, var) for opt in [G_opt, D_opt] for var in opt.variables() if is_loss_scaling_var(var)]
+        self.ls = [(which, opt, var) for which, opt in [('G', G_opt), ('D', D_opt)]
+                   for var in opt.variables() if is_loss_scaling_var(var)]
         self._start_tick()
 
     def _start_tick(self):
         self.steps = {'G': 0, 'D': 0}
         self.finite = {'G': 0, 'D': 0}
-        self.ls_start = tfutil.run([var for _, var in self.ls]) if self.ls else []
+        self.ls_start = tfutil.run([var for _, _, var in self.ls]) if self.ls else []
 
     def record(self, which, loss):
         self.steps[which] += 1
@@ -487,9 +488,9 @@ class LossHealth:
     def problems(self):
         found = ['%s loss non-finite in all %d steps' % (w, self.steps[w]) for w in 'GD' if self.steps[w] and not self.finite[w]]
         if self.ls:
-            ls_end = tfutil.run([var for _, var in self.ls])
-            for (opt, var), start, end in zip(self.ls, self.ls_start, ls_end):
-                steps = self.steps['G' if opt.id.endswith('G') else 'D']
+            ls_end = tfutil.run([var for _, _, var in self.ls])
+            for (which, opt, var), start, end in zip(self.ls, self.ls_start, ls_end):
+                steps = self.steps[which]
                 if steps and end <= start - opt.loss_scaling_dec * steps + 1e-3:
                     found.append('every %s step overflowed (loss scale 2^%.1f)' % (opt.id, end))
         return found
