@@ -81,9 +81,10 @@ def _fsync_dir(dirname):
 # Resume state: resume-state.json beside the snapshots names the snapshot it belongs to (with
 # the SHA-256 of its bytes), the exact progress (images shown, wall time, tick, LOD), the
 # numpy random state, and the .npz holding the optimizer state (Adam slots, loss scaling).
-# Its top level describes the newest snapshot; 'previous' lists older ones (newest first), so the
-# pickle on disk always has its entry, even when a kill falls between the json and the pickle
-# (snapshot names repeat when ticks are shorter than 1 kimg).
+# Its top level describes the newest snapshot and is written just before that pickle; 'previous'
+# holds the one before, so the newest pickle on disk always has its entry, even when a kill falls
+# between the json and the pickle (snapshot names repeat when ticks are shorter than 1 kimg).
+# Older snapshots resume as before: kimg from the name, time from the log.
 
 RESUME_STATE_FILE = 'resume-state.json'
 
@@ -122,8 +123,7 @@ def resume_state_entries(state):
 
 
 def load_resume_state(network_pkl):
-    """The resume state saved with this very pickle (same name and bytes), or None. An entry without
-    an optimizer_state (older snapshots) still gives exact progress."""
+    """The resume state saved with this very pickle (same name and bytes), or None."""
     entries = resume_state_entries(read_resume_state(os.path.dirname(network_pkl)))
     entries = [e for e in entries if e.get('snapshot') == os.path.basename(network_pkl)]
     if not entries:

@@ -443,13 +443,9 @@ class SnapshotWriter:
             loss_scaling={var.name: float(value) for var, value in zip(self.opt_vars, values) if is_loss_scaling_var(var)},
             numpy_random_state=misc.encode_random_state(np.random.get_state()),
             saved_at=time.strftime('%Y-%m-%d %H:%M:%S'))
-        # Older entries keep their progress; only the newest two keep optimizer and random state.
+        # The state of the pickle now on disk stays as 'previous' until the new pickle replaces it.
         older = misc.resume_state_entries(misc.read_resume_state(self.result_subdir))
-        for i, old in enumerate(older):
-            if i >= 1:
-                old.pop('optimizer_state', None)
-                old.pop('numpy_random_state', None)
-        misc.save_resume_state(self.result_subdir, dict(entry, previous=older[:20]))     # Before the pickle.
+        misc.save_resume_state(self.result_subdir, dict(entry, previous=older[:1]))     # Before the pickle.
         misc.atomic_write_bytes(network_pkl, data)
         keep = {opt_name} | {e.get('optimizer_state') for e in older[:1]}
         for old in glob.glob(os.path.join(self.result_subdir, 'optimizer-state-*.npz')):
