@@ -89,22 +89,10 @@ def _tfutil_network():
 
 
 def _config_easydict():
+    """config.EasyDict; a plain dict where the running config module defines none (networks
+    read their static kwargs as a dict either way)."""
     import config
-    cls = getattr(config, 'EasyDict', None)
-    return cls if cls is not None else _EasyDict
-
-
-class _EasyDict(dict):
-    """Stand-in for config.EasyDict when the running config module does not define one."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name)
-
-    def __setattr__(self, name, value):
-        self[name] = value
+    return getattr(config, 'EasyDict', dict)
 
 
 _SAFE_BUILTINS = {'dict', 'list', 'tuple', 'set', 'frozenset', 'bytearray', 'bytes', 'str', 'int', 'float',
