@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+import augment
 import tfutil
 from tfutil import tf
 
@@ -238,7 +239,7 @@ class WSIDataset:
                  num_threads=None,          # Reader threads; None = one per core.
                  recursive=False,           # Also look for slides in subfolders?
                  mask_cache_dir=None,       # Where tissue masks are cached; None = the user cache dir.
-                 augment=0.0,               # Probability of colour + warp augmentation per patch.
+                 augment=0.0,               # Probability of colour + warp augmentation per patch (in the graph).
                  rotate90=False,            # Random 90-degree rotations?
                  min_tissue_fraction=0.01,  # Slides with less tissue are left out.
                  weight_by_tissue=False,    # Choose slides by tissue area rather than uniformly?
@@ -252,8 +253,8 @@ class WSIDataset:
             label_file = os.path.join(tfrecord_dir, label_file)
         self.sampler = wsi.PatchSampler(
             tfrecord_dir, wsi_ext=wsi_ext, resolution=resolution, downsample=downsample, label_file=label_file,
-            max_label_size=max_label_size, recursive=recursive, mask_cache_dir=mask_cache_dir, augment=augment,
-            rotate90=rotate90, min_tissue_fraction=min_tissue_fraction, weight_by_tissue=weight_by_tissue,
+            max_label_size=max_label_size, recursive=recursive, mask_cache_dir=mask_cache_dir, rotate90=rotate90,
+            min_tissue_fraction=min_tissue_fraction, weight_by_tissue=weight_by_tissue,
             num_threads=num_threads, seed=seed)
         self.tfrecord_dir = tfrecord_dir
         self.resolution = resolution
@@ -263,6 +264,7 @@ class WSIDataset:
         self.dynamic_range = [0, 255]
         self.label_size = self.sampler.label_size
         self.label_dtype = 'float32'
+        self.augment = float(augment)
         self._prefetch_mb = prefetch_mb
         self._feed = None               # The sampler's read-ahead generator for the current setting.
         self._cur_setting = None        # (minibatch_size, lod) of the feed.
@@ -293,6 +295,12 @@ class WSIDataset:
             images.set_shape([None] + self.shape[:1] + [None, None])
             labels.set_shape([None, self.label_size])
             return images, labels
+
+    def augment_minibatch_tf(self, images):
+        """Training-time colour + warp augmentation of a minibatch (float32 out), built where the
+        caller places it: train.py puts it on each GPU. Minibatches taken otherwise (snapshot
+        grids, metrics) stay unaugmented."""
+        return augment.augment_minibatch(images, self.augment, self.dynamic_range) if self.augment > 0 else images
 
     def get_minibatch_np(self, minibatch_size, lod=0):
         images, classes = self.sampler.sample(int(np.floor(lod)), minibatch_size)

@@ -311,6 +311,12 @@ def train_progressive_gan(
     return result_subdir
 
 
+def augment_reals(training_set, reals):
+    """The dataset's own training-time augmentation (WSIDataset's colour + warp), if it has one."""
+    augment = getattr(training_set, 'augment_minibatch_tf', None)
+    return reals if augment is None else augment(reals)
+
+
 def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False, drange_net=[-1, 1], G_smoothing=0.999):
     """The training ops: one tower per device, the two optimizers, and the Gs moving average."""
     graph = config.EasyDict()
@@ -334,7 +340,8 @@ def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False,
             G_gpu = G if gpu == 0 else G.clone(G.name + '_shadow')
             D_gpu = D if gpu == 0 else D.clone(D.name + '_shadow')
             lod_assign_ops = [tf.assign(G_gpu.find_var('lod'), graph.lod_in), tf.assign(D_gpu.find_var('lod'), graph.lod_in)]
-            reals_gpu = process_reals(reals_split[gpu], graph.lod_in, mirror_augment, training_set.dynamic_range, drange_net)
+            reals_gpu = augment_reals(training_set, reals_split[gpu])
+            reals_gpu = process_reals(reals_gpu, graph.lod_in, mirror_augment, training_set.dynamic_range, drange_net)
             labels_gpu = labels_split[gpu]
             with tf.name_scope('G_loss'), tf.control_dependencies(lod_assign_ops):
                 G_loss = tfutil.call_func_by_name(G=G_gpu, D=D_gpu, opt=graph.G_opt, training_set=training_set,

@@ -1,6 +1,7 @@
 """Whole-slide images: opening slides, tissue masks and their cache, the random tissue-patch
-sampler with augmentation, slide labels, and the demo-slide maker. No TensorFlow here:
-dataset.WSIDataset wraps PatchSampler in tf.data.
+sampler (with optional 90-degree rotations), slide labels, and the demo-slide maker. No
+TensorFlow here: dataset.WSIDataset feeds PatchSampler's minibatches to the graph, and its
+colour and warp augmentation runs in the graph (augment.py), off the reader threads.
 
 Geometry: at LOD k a patch is `resolution >> k` pixels read at `downsample << k`, so every LOD
 covers the same field of view of `resolution * downsample` level-0 pixels.
@@ -258,7 +259,7 @@ def inspect_slides(paths, mask_cache_dir=None, min_tissue_fraction=0.01, field_o
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading and augmenting patches.
+# Reading patches.
 
 def clamp_top_left(centre, field_of_view, slide_size):
     """Top-left corner of a field_of_view window centred near `centre`, moved inside the slide."""
@@ -342,76 +343,11 @@ def composite_on_white(rgba):
     return (rgba[..., :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
 
 
-HUE_SHIFT_MAX = 11            # of 256 hue units in OpenCV's HSV_FULL (about +-16 degrees)
-LIGHTNESS_GAMMA_LOG_MAX = 0.25
-WARP_GRID = 4                 # control points per side of the random displacement grid
-WARP_MAX_SHIFT = 0.03         # of the patch size
-
-AUGMENT_LIGHTNESS = 'luma'   # the sampler's augment_colour lightness (see there)
-
-_IDENTITY = np.arange(256, dtype=np.uint8)
-_ROTATE_CODES = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}  # as np.rot90
-_warp_bases = {}              # (height, width) -> float32 [h, w, 2] pixel (x, y), read only
-
-
-def gamma_table(gamma):
-    """uint8 lookup table of 255 * (v / 255) ** gamma, rounded."""
-    return np.round(255 * (_IDENTITY / 255.0) ** gamma).astype(np.uint8)
-
-
-def augment_colour(rgb, rng, lightness='luma'):
-    """Random hue shift in HSV, then a random gamma on lightness with the chroma kept.
-
-    The hue shift is done in uint8: OpenCV's HSV_FULL hue spans 0-255, so uint8 addition
-    wraps it round the colour circle. The gamma goes on
-      lightness='luma': Rec. 601 luma Y' (the Y of YCrCb) with Cr and Cb kept, which moves all
-        three channels by the same Y'_new - Y', so it needs only a grey image, a 256-entry
-        table and a saturating add (about 0.3 ms for 512x512 against 3.3 ms for a LAB round
-        trip). On tissue it stays within about 1 Delta-E of the LAB gamma, an eighth of the
-        change either makes (tests/test_wsi.py checks this);
-      lightness='lab': CIE L* in LAB with a* and b* kept, the predecessor's exact recipe.
-    """
-    hue_shift = np.uint8(rng.integers(-HUE_SHIFT_MAX, HUE_SHIFT_MAX + 1) % 256)
-    gamma = np.exp(rng.uniform(-LIGHTNESS_GAMMA_LOG_MAX, LIGHTNESS_GAMMA_LOG_MAX))
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)
-    hue = hsv[..., 0]
-    np.add(hue, hue_shift, out=hue)
-    out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL, dst=hsv)
-    table = gamma_table(gamma)
-    if lightness == 'lab':
-        lab = cv2.cvtColor(out, cv2.COLOR_RGB2LAB)
-        cv2.LUT(lab, np.stack([table, _IDENTITY, _IDENTITY], -1)[:, None, :], dst=lab)
-        return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB, dst=lab)
-    if lightness != 'luma':
-        raise ValueError(f"lightness must be 'luma' or 'lab', got {lightness!r}")
-    # A gamma table lies wholly on one side of the identity, so the change has one sign.
-    brighten = gamma < 1
-    change = cv2.LUT(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), table - _IDENTITY if brighten else _IDENTITY - table)
-    change = cv2.cvtColor(change, cv2.COLOR_GRAY2RGB)
-    return (cv2.add if brighten else cv2.subtract)(out, change, dst=out)
-
-
-def augment_warp(rgb, rng):
-    """Smooth random warp: a coarse grid of random displacements of up to WARP_MAX_SHIFT of the
-    patch size, interpolated bilinearly (a piecewise warp) and applied with cv2.remap. The
-    field is upsampled as one 2-channel image onto cached pixel coordinates and turned into
-    fixed-point maps (remap's fast path) in one convertMaps call."""
-    height, width = rgb.shape[:2]
-    shift = WARP_MAX_SHIFT * height
-    grid = rng.uniform(-shift, shift, (2, WARP_GRID, WARP_GRID)).astype(np.float32)
-    field = cv2.resize(cv2.merge(list(grid)), (width, height), interpolation=cv2.INTER_LINEAR)
-    base = _warp_bases.get((height, width))
-    if base is None:
-        x, y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-        base = _warp_bases[height, width] = np.dstack([x, y])
-        base.flags.writeable = False
-    np.add(field, base, out=field)
-    map_xy, map_fraction = cv2.convertMaps(field, None, cv2.CV_16SC2)
-    return cv2.remap(rgb, map_xy, map_fraction, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-
-
 # ----------------------------------------------------------------------------------------------
 # The sampler.
+
+_ROTATE_CODES = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}  # as np.rot90
+
 
 class PatchSampler:
     """Random tissue patches from a folder of slides, read by a persistent thread pool.
@@ -422,7 +358,7 @@ class PatchSampler:
 
     def __init__(self, slide_dir, wsi_ext='.svs', resolution=512, downsample=4,
                  label_file=None, max_label_size=0, recursive=False, mask_cache_dir=None,
-                 augment=0.0, rotate90=False, min_tissue_fraction=0.01, weight_by_tissue=False,
+                 rotate90=False, min_tissue_fraction=0.01, weight_by_tissue=False,
                  num_threads=None, seed=None, log=print):
         self.resolution_log2 = int(np.log2(resolution))
         if resolution != 2 ** self.resolution_log2 or resolution < 4:
@@ -431,7 +367,6 @@ class PatchSampler:
         self.downsample = downsample
         self.field_of_view = resolution * downsample
         self.shape = [3, resolution, resolution]
-        self.augment = float(augment)
         self.rotate90 = rotate90
         self.num_threads = num_threads or os.cpu_count() or 1
         self.log = log
@@ -594,7 +529,8 @@ class PatchSampler:
         rng = np.random.default_rng(seed)
         for i in range(begin, end):
             patch, slide_index = self._read_random_patch(rng, size)
-            patch = self._augment(patch, rng)
+            if self.rotate90:
+                patch = self._rotate(patch, rng)
             cv2.split(patch, list(images[i]))   # HWC -> CHW straight into the batch
             classes[i] = self.slides[slide_index].class_index
 
@@ -629,14 +565,12 @@ class PatchSampler:
         y, x = divmod(int(slide.tissue_index[rng.integers(len(slide.tissue_index))]), slide.mask_shape[1])
         return ((x + rng.random()) * slide.mask_scale[0], (y + rng.random()) * slide.mask_scale[1])
 
-    def _augment(self, patch, rng):
-        if self.augment > 0 and rng.random() < self.augment:
-            patch = augment_warp(augment_colour(patch, rng, AUGMENT_LIGHTNESS), rng)
-        if self.rotate90:
-            turns = rng.integers(4)
-            if turns:   # cv2.rotate: a strided np.rot90 view makes the CHW copy 4x slower
-                patch = cv2.rotate(patch, _ROTATE_CODES[turns])
-        return patch
+    @staticmethod
+    def _rotate(patch, rng):
+        """A random quarter turn (tissue has no up). cv2.rotate rather than np.rot90: a strided
+        view makes the CHW copy 4x slower."""
+        turns = rng.integers(4)
+        return cv2.rotate(patch, _ROTATE_CODES[turns]) if turns else patch
 
     def _handle(self, path):
         """This thread's open handle for a slide (a small LRU per thread)."""

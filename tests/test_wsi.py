@@ -198,167 +198,18 @@ def test_weight_by_tissue_draws_slides_in_proportion_to_tissue_area(tmp_path, ma
     assert fractions[True] > 0.85
 
 
-def test_augmentation_and_rotation_keep_shapes_and_change_pixels(tmp_path, mask_cache):
-    write_slide(tmp_path / 's.svs')
-    with make_sampler(tmp_path, mask_cache, seed=5) as plain, \
-            make_sampler(tmp_path, mask_cache, seed=5, augment=1.0, rotate90=True) as augmented:
-        a, _ = plain.sample(0, 16)
-        b, _ = augmented.sample(0, 16)
-    assert b.shape == a.shape and b.dtype == np.uint8
-    assert_no_blank_patches(b)
-    rng = np.random.default_rng(0)
-    patch = a[0].transpose(1, 2, 0).copy()
-    for lightness in ('luma', 'lab'):
-        coloured = wsi.augment_colour(patch, rng, lightness)
-        assert coloured.shape == patch.shape and coloured.dtype == np.uint8
-        assert np.abs(coloured.astype(int) - patch).mean() > 1
-        assert abs(float(coloured.mean()) - float(patch.mean())) < 40
-    warped = wsi.augment_warp(patch, rng)
-    assert warped.shape == patch.shape and warped.dtype == np.uint8
-    assert np.abs(warped.astype(int) - patch).mean() > 1
-    assert abs(float(warped.mean()) - float(patch.mean())) < 5
-
-
-class FixedDraws:
-    """Stands in for a numpy Generator in augment_colour: a chosen hue shift and log-gamma."""
-
-    def __init__(self, hue_shift, log_gamma):
-        self.hue_shift, self.log_gamma = hue_shift, log_gamma
-
-    def integers(self, low, high):
-        assert low <= self.hue_shift < high
-        return self.hue_shift
-
-    def uniform(self, low, high):
-        assert low <= self.log_gamma <= high
-        return self.log_gamma
-
-
-def colour_chart():
-    """64x64 RGB: saturated and pale colours all round the hue circle at several brightnesses,
-    plus a texture from the immunohistochemistry image (stained tissue)."""
-    import skimage.data
-    hue = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (32, 1))
-    saturation = np.repeat(np.linspace(90, 230, 8).astype(np.uint8), 4)[:, None].repeat(64, 1)
-    value = np.tile(np.linspace(110, 220, 4).astype(np.uint8), 8)[:, None].repeat(64, 1)
-    chart = cv2.cvtColor(np.dstack([hue, saturation, value]), cv2.COLOR_HSV2RGB_FULL)
-    tissue = cv2.resize(skimage.data.immunohistochemistry(), (64, 32), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(np.concatenate([chart, tissue]))
-
-
-def hue_difference(a, b):
-    """Signed circular difference b - a of HSV_FULL hues (256 units a turn)."""
-    ha = cv2.cvtColor(a, cv2.COLOR_RGB2HSV_FULL)[..., 0].astype(int)
-    hb = cv2.cvtColor(b, cv2.COLOR_RGB2HSV_FULL)[..., 0].astype(int)
-    return (hb - ha + 128) % 256 - 128
-
-
-@pytest.mark.parametrize('lightness', ['luma', 'lab'])
-def test_augment_colour_rotates_hue_by_the_drawn_shift(lightness):
-    chart = colour_chart()
-    saturated = cv2.cvtColor(chart, cv2.COLOR_RGB2HSV_FULL)[..., 1] > 60
-    for shift in (-wsi.HUE_SHIFT_MAX, -5, 7, wsi.HUE_SHIFT_MAX):
-        out = wsi.augment_colour(chart, FixedDraws(shift, 0.0), lightness)
-        assert out.shape == chart.shape and out.dtype == np.uint8
-        moved = hue_difference(chart, out)[saturated]
-        assert abs(np.median(moved) - shift) <= 1, (shift, np.median(moved))
-        assert (np.abs(moved - shift) <= 3).mean() > 0.95
-        lightness_before = cv2.cvtColor(chart, cv2.COLOR_RGB2LAB)[..., 0].astype(int)
-        lightness_after = cv2.cvtColor(out, cv2.COLOR_RGB2LAB)[..., 0].astype(int)
-        assert np.abs(lightness_after - lightness_before).mean() < 12   # a hue shift, not a re-lighting
-    unchanged = wsi.augment_colour(chart, FixedDraws(0, 0.0), lightness)
-    assert np.abs(unchanged.astype(int) - chart).mean() < 1   # zero shift, gamma 1: the identity up to uint8 round trips
-
-
-@pytest.mark.parametrize('lightness', ['luma', 'lab'])
-def test_augment_colour_gamma_changes_lightness_and_keeps_hue(lightness):
-    chart = colour_chart()
-    saturated = cv2.cvtColor(chart, cv2.COLOR_RGB2HSV_FULL)[..., 1] > 60
-    lab_before = cv2.cvtColor(chart, cv2.COLOR_RGB2LAB).astype(int)
-    mid = (lab_before[..., 0] > 40) & (lab_before[..., 0] < 215)   # room to move either way
-    for log_gamma, sign in ((wsi.LIGHTNESS_GAMMA_LOG_MAX, -1), (-wsi.LIGHTNESS_GAMMA_LOG_MAX, 1)):
-        out = wsi.augment_colour(chart, FixedDraws(0, log_gamma), lightness)
-        lab_after = cv2.cvtColor(out, cv2.COLOR_RGB2LAB).astype(int)
-        change = (lab_after[..., 0] - lab_before[..., 0])[mid] * sign   # > 0 in the expected direction
-        assert (change >= 0).mean() > 0.97 and change.mean() > 8, (log_gamma, change.mean())
-        assert np.abs(hue_difference(chart, out)[saturated & mid]).mean() < 3
-        chroma = np.abs(lab_after[..., 1:] - lab_before[..., 1:])[mid].mean()
-        assert chroma < 6, chroma   # lightness moves, colour stays
-
-
-def test_luma_gamma_stays_close_to_the_predecessors_lab_gamma():
-    import skimage.data
-    tissue = np.ascontiguousarray(skimage.data.immunohistochemistry())
-
-    def lab(rgb):
-        return cv2.cvtColor(rgb.astype(np.float32) / 255, cv2.COLOR_RGB2LAB)
-
-    for seed in range(6):
-        by_luma = wsi.augment_colour(tissue, np.random.default_rng(seed), 'luma')
-        by_lab = wsi.augment_colour(tissue, np.random.default_rng(seed), 'lab')
-        made = np.linalg.norm(lab(by_lab) - lab(tissue), axis=-1).mean()
-        apart = np.linalg.norm(lab(by_luma) - lab(by_lab), axis=-1).mean()
-        assert apart < max(0.25 * made, 0.5), (seed, apart, made)
-    with pytest.raises(ValueError):
-        wsi.augment_colour(tissue, np.random.default_rng(0), 'hsl')
-
-
-def test_augment_warp_is_a_smooth_bounded_non_rigid_displacement():
-    # A coordinate image (red = x, green = y) shows where each output pixel was taken from:
-    # bilinear interpolation of a linear ramp is exact.
-    size = 256
-    y, x = np.mgrid[0:size, 0:size]
-    coords = np.dstack([x, y, np.full_like(x, 128)]).astype(np.uint8)
-    max_shift = wsi.WARP_MAX_SHIFT * size
-    inner = slice(int(max_shift) + 2, size - int(max_shift) - 2)   # away from the reflected border
-    rng = np.random.default_rng(3)
-    fields = []
-    for _ in range(4):
-        out = wsi.augment_warp(coords, rng)
-        assert out.shape == coords.shape and out.dtype == np.uint8
-        dx = (out[..., 0].astype(int) - x)[inner, inner]
-        dy = (out[..., 1].astype(int) - y)[inner, inner]
-        assert (out[..., 2] == 128).all()
-        assert np.abs(dx).max() <= max_shift + 1 and np.abs(dy).max() <= max_shift + 1
-        assert np.abs(dx).mean() > 1 and np.abs(dy).mean() > 1, 'no displacement'
-        assert dx.std() > 1 and dy.std() > 1, 'a rigid shift, not a warp'
-        assert np.abs(np.diff(dx, axis=1)).max() <= 2 and np.abs(np.diff(dy, axis=0)).max() <= 2, 'not smooth'
-        fields.append(dx)
-    assert np.abs(fields[0] - fields[1]).mean() > 1, 'the same field twice'
-
-
-def test_augment_probability_is_honoured(tmp_path, mask_cache, monkeypatch):
-    write_slide(tmp_path / 's.svs')
-    calls = {'colour': 0, 'warp': 0}
-    lock = threading.Lock()
-
-    def counting(name, function):
-        def wrapper(*args, **kwargs):
-            with lock:
-                calls[name] += 1
-            return function(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(wsi, 'augment_colour', counting('colour', wsi.augment_colour))
-    monkeypatch.setattr(wsi, 'augment_warp', counting('warp', wsi.augment_warp))
-    for augment, low, high in ((0.0, 0, 0), (0.3, 0.22, 0.38), (1.0, 1, 1)):
-        calls.update(colour=0, warp=0)
-        with make_sampler(tmp_path, mask_cache, augment=augment) as sampler:
-            images, _ = sampler.sample(2, 400)
-        assert images.shape == (400, 3, 8, 8) and images.dtype == np.uint8
-        assert calls['colour'] == calls['warp'], calls
-        assert low <= calls['colour'] / 400 <= high, (augment, calls)
-
-
 def test_rotate90_gives_every_quarter_turn_of_the_patch(tmp_path, mask_cache):
     write_slide(tmp_path / 's.svs')
     patch = np.ascontiguousarray(np.arange(5 * 5 * 3, dtype=np.uint8).reshape(5, 5, 3))
     with make_sampler(tmp_path, mask_cache, rotate90=True) as sampler:
         turns = []
         for _ in range(40):
-            out = sampler._augment(patch, sampler._rng)
+            out = sampler._rotate(patch, sampler._rng)
             turns += [k for k in range(4) if np.array_equal(out, np.rot90(patch, k))]
+        images, _ = sampler.sample(0, 16)
     assert len(turns) == 40 and set(turns) == {0, 1, 2, 3}
+    assert images.shape == (16, 3, 32, 32) and images.dtype == np.uint8
+    assert_no_blank_patches(images)
 
 
 def test_region_reads_match_openslides_public_read_region(tmp_path):

@@ -66,7 +66,7 @@ def test_training_on_slides_passes_through_two_lods(tinted_slides, tmp_path):
     config = write_config(
         tmp_path / 'slides.py', results, desc='slides',
         dataset=dict(class_name='dataset.WSIDataset', tfrecord_dir=tinted_slides, wsi_ext='.tif', resolution=8,
-                     downsample=8, mask_cache_dir=str(tmp_path / 'masks')),
+                     downsample=8, mask_cache_dir=str(tmp_path / 'masks'), augment=0.5),
         train=dict(total_kimg=1.0, mirror_augment=True),
         sched=dict(lod_training_kimg=0.25, lod_transition_kimg=0.25, tick_kimg_base=0.25))
     run_train(config)
