@@ -205,6 +205,7 @@ def train_progressive_gan(
     result_subdir = misc.create_result_subdir(config.result_dir, config.desc)
     misc.save_image_grid(grid_reals, os.path.join(result_subdir, 'reals.png'), drange=training_set.dynamic_range, grid_size=grid_size)
     misc.save_image_grid(grid_fakes, os.path.join(result_subdir, 'fakes%06d.png' % int(resume_kimg)), drange=drange_net, grid_size=grid_size)
+    save_augmented_reals(training_set, grid_reals, os.path.join(result_subdir, 'reals-augmented.png'), grid_size)
     if hasattr(training_set, 'write_overview'):
         training_set.write_overview(result_subdir)
     summary_log = tf.summary.FileWriter(result_subdir)
@@ -315,6 +316,17 @@ def augment_reals(training_set, reals):
     """The dataset's own training-time augmentation (WSIDataset's colour + warp), if it has one."""
     augment = getattr(training_set, 'augment_minibatch_tf', None)
     return reals if augment is None else augment(reals)
+
+
+def save_augmented_reals(training_set, grid_reals, filename, grid_size):
+    """The reals grid as the networks see it after the dataset's augmentation, if it has one
+    (the grid itself stays unaugmented, like the patches metrics see)."""
+    with tf.name_scope('AugmentedRealsGrid'):
+        reals = tf.placeholder(tf.as_dtype(grid_reals.dtype), grid_reals.shape)
+        augmented = augment_reals(training_set, reals)
+    if augmented is not reals:
+        misc.save_image_grid(tfutil.run(augmented, {reals: grid_reals}), filename, drange=training_set.dynamic_range,
+                             grid_size=grid_size)
 
 
 def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False, drange_net=[-1, 1], G_smoothing=0.999):

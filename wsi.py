@@ -15,7 +15,6 @@ import ctypes
 import dataclasses
 import hashlib
 import os
-import queue
 import sys
 import threading
 
@@ -426,6 +425,31 @@ class PatchSampler:
     def sample(self, lod, count):
         """count random tissue patches at LOD lod, read in parallel by the thread pool:
         (uint8 [count, 3, r, r], int64 [count] class index, -1 without labels)."""
+        images, classes, jobs = self._submit(lod, count)
+        for job in jobs:
+            job.result()
+        return images, classes
+
+    def batches(self, lod, minibatch, prefetch=4):
+        """Endless (images, class indices) minibatches. `prefetch` of them stay queued on the
+        thread pool, so readers go straight on to the next batch rather than idling at each
+        batch's end while the slowest chunk finishes. Closing the generator (a new LOD or
+        minibatch size) drops the read-ahead and returns once no reader works for it."""
+        in_flight = collections.deque()
+        try:
+            while True:
+                while len(in_flight) < max(prefetch, 1) + 1:    # + the one handed out now
+                    in_flight.append(self._submit(lod, minibatch))
+                images, classes, jobs = in_flight.popleft()
+                for job in jobs:
+                    job.result()     # a reader's exception is raised here, in the consumer
+                yield images, classes
+        finally:    # cancel what is queued and let what is running finish: nothing reads on after
+            pending = [job for _, _, jobs in in_flight for job in jobs if not job.cancel()]
+            concurrent.futures.wait(pending)
+
+    def _submit(self, lod, count):
+        """Queue the reading of count patches in chunks: (images, classes, futures)."""
         size = self.patch_size(lod)
         images = np.empty([count, 3, size, size], np.uint8)
         classes = np.empty([count], np.int64)
@@ -434,41 +458,7 @@ class PatchSampler:
             seeds = self._rng.integers(2 ** 63, size=len(bounds) - 1)
         jobs = [self._pool.submit(self._fill, images, classes, begin, end, size, seed)
                 for begin, end, seed in zip(bounds[:-1], bounds[1:], seeds)]
-        for job in jobs:
-            job.result()
-        return images, classes
-
-    def batches(self, lod, minibatch, prefetch=4):
-        """Endless (images, class indices) minibatches, read ahead into a bounded queue."""
-        ready = queue.Queue(maxsize=prefetch)
-        stop = threading.Event()
-
-        def produce():
-            while not stop.is_set():
-                try:
-                    item = self.sample(lod, minibatch)
-                except Exception as e:   # handed to the consumer, raised there
-                    item = e
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if isinstance(item, Exception):
-                    return
-
-        producer = threading.Thread(target=produce, daemon=True, name='wsi-prefetch')
-        producer.start()
-        try:
-            while True:
-                item = ready.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            producer.join()
+        return images, classes, jobs
 
     def labels_onehot(self, class_indices):
         class_indices = np.asarray(class_indices)

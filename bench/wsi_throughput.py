@@ -14,6 +14,8 @@ field of view, i.e. LODs 0, 1, 2 and 4 of a resolution-512 downsample-4 run. Bas
          for the sampler's own overhead. (The sampler reads through wsi.read_region_rgb, into a
          numpy buffer without the PIL image and np.asarray copy these baselines pay, about
          1.4 ms less per 512-px read, so it can beat snap.)
+The sampler columns (1w: one reader thread, Nw: one per core) draw from PatchSampler.batches(),
+the read-ahead feed that WSIDataset trains from, and count the patches its readers read.
 Augmentation (WSIDataset(augment=p): HSV hue, LAB lightness gamma, smooth warp) is built into
 the training graph on each GPU, so the reader's rates above are the same with or without it.
 Measured here on the CPU: the augmentation op's time per patch at each size, and at 512/4 the
@@ -65,22 +67,53 @@ def bench_slide_dir(work_dir):
 
 def interleaved_rates(producers, seconds, rounds=4):
     """Patches per wall-clock second and per CPU second (all threads of this process) of each
-    producer (a callable returning how many patches it made), measured in interleaved rounds
-    so that load from other processes affects all alike."""
+    producer (a callable that makes patches for about the seconds it is given and returns how
+    many), measured in interleaved rounds so that load from other processes affects all alike."""
     for produce in producers.values():
-        produce()   # warm-up: handles, caches
+        produce(0.0)   # warm-up: handles, caches
     counts = dict.fromkeys(producers, 0)
     wall = dict.fromkeys(producers, 0.0)
     cpu = dict.fromkeys(producers, 0.0)
     for _ in range(rounds):
         for name, produce in producers.items():
             start, start_cpu = time.perf_counter(), time.process_time()
-            while time.perf_counter() - start < seconds / rounds:
-                counts[name] += produce()
+            counts[name] += produce(seconds / rounds)
             wall[name] += time.perf_counter() - start
             cpu[name] += time.process_time() - start_cpu
     return ({name: counts[name] / wall[name] for name in producers},
             {name: counts[name] / cpu[name] for name in producers})
+
+
+def repeat_for(make_patches):
+    """A producer calling make_patches() (which returns its patch count) until time is up."""
+    def produce(seconds):
+        count, start = make_patches(), time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            count += make_patches()
+        return count
+    return produce
+
+
+def training_feed(sampler, lod, batch):
+    """A producer drawing minibatches from sampler.batches() as WSIDataset does. It counts the
+    patches read, read-ahead included, and closes the feed at the end (which waits for running
+    reads), so its readers do not run on into the next producer's turn."""
+    def produce(seconds):
+        read = []
+        fill = sampler._fill
+        sampler._fill = lambda images, classes, begin, end, *args: (fill(images, classes, begin, end, *args),
+                                                                    read.append(end - begin))
+        feed = sampler.batches(lod, batch)
+        try:
+            next(feed)
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                next(feed)
+        finally:
+            feed.close()
+            sampler._fill = fill
+        return sum(read)
+    return produce
 
 
 def read_and_resize(handle, top_left, size, snap=False):
@@ -134,9 +167,10 @@ def measure(slide_dir, mask_cache, seconds):
                 read_and_resize(handle, wsi.clamp_top_left(centre, FIELD_OF_VIEW, slide.dimensions), size, snap)
             return batch
 
-        producers = {'naive': naive_batch, 'raw': raw_batch, 'snap': lambda: raw_batch(snap=True)}
+        producers = {'naive': repeat_for(naive_batch), 'raw': repeat_for(raw_batch),
+                     'snap': repeat_for(lambda: raw_batch(snap=True))}
         for threads, sampler in samplers.items():
-            producers[threads] = lambda sampler=sampler: len(sampler.sample(lod, batch)[0])
+            producers[threads] = training_feed(sampler, lod, batch)
         wall, cpu = interleaved_rates(producers, seconds)
         rows.append(({**row, **wall, 'aug_ms': augmentation_ms(samplers[1].sample(lod, batch)[0], seconds)},
                      {**row, **cpu}))
@@ -217,11 +251,13 @@ def memory_run(slide_dir, mask_cache, total, lod=4, batch=100):
                           seed=2, log=lambda m: None) as sampler:
         done, after_first_1000 = 0, None
         start = time.perf_counter()
+        feed = sampler.batches(lod, batch)
         while done < total:
-            done += len(sampler.sample(lod, batch)[0])
+            done += len(next(feed)[0])
             if after_first_1000 is None and done >= 1000:
                 after_first_1000 = process.memory_info().rss
         elapsed = time.perf_counter() - start
+        feed.close()
         end = process.memory_info().rss
     size = RESOLUTION >> lod
     print(f'Memory: {total} patches of {size}x{size} in {elapsed:.1f} s ({total / elapsed:.0f}/s): RSS '

@@ -59,6 +59,7 @@ def test_training_leaves_results_and_resume_continues(shapes_dir, tmp_path):
     assert {'log.txt', 'config.py', 'reals.png', 'fakes000000.png', 'fakes000004.png', 'network-final.pkl',
             '_training-done.txt', 'network-snapshot-000002.pkl', 'network-snapshot-000004.pkl'} <= names
     assert not [n for n in names if '.tmp' in n]
+    assert 'reals-augmented.png' not in names       # TFRecords have no augmentation of their own
     ticks = tick_lines(run_dir)
     assert [round(k) for k, _ in ticks] == [1, 2, 3, 4]
     # 4x4, then 8x8, then fading into 16x16 (the lod printed is the one of the tick's last minibatches).

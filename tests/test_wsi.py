@@ -3,7 +3,7 @@ import csv
 import hashlib
 import os
 import stat
-import threading
+import time
 
 import cv2
 import numpy as np
@@ -225,15 +225,25 @@ def test_region_reads_match_openslides_public_read_region(tmp_path):
         assert (got[:10, :10] == 255).all(), 'outside the slide is white'
 
 
-def test_batches_prefetch_and_stop_cleanly(tmp_path, mask_cache):
+def test_batches_read_ahead_a_bounded_amount_and_stop_cleanly(tmp_path, mask_cache):
     write_slide(tmp_path / 's.svs')
     with make_sampler(tmp_path, mask_cache) as sampler:
-        batches = sampler.batches(1, 8)
+        read = []
+        fill = sampler._fill
+        sampler._fill = lambda images, classes, begin, end, *args: (fill(images, classes, begin, end, *args),
+                                                                    read.append(end - begin))
+        batches = sampler.batches(1, 8, prefetch=3)
         for _ in range(3):
             images, classes = next(batches)
             assert images.shape == (8, 3, 16, 16) and classes.shape == (8,)
+        time.sleep(1.0)
+        # Three taken and prefetch=3 read ahead behind them: no more.
+        assert sum(read) == (3 + 3) * 8, sum(read)
         batches.close()
-    assert not [t for t in threading.enumerate() if t.name == 'wsi-prefetch']
+        time.sleep(0.5)
+        assert sampler._pool._work_queue.qsize() == 0, 'closing the generator left reads queued'
+        images, _ = sampler.sample(2, 4)       # the pool still serves
+        assert images.shape == (4, 3, 8, 8)
 
 
 def test_write_overview_one_png_per_slide(tmp_path, mask_cache):

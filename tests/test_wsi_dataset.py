@@ -4,6 +4,7 @@ taking effect at once, and a short training run on slides through two LODs."""
 import os
 
 import numpy as np
+import PIL.Image
 import pytest
 
 import dataset
@@ -74,5 +75,8 @@ def test_training_on_slides_passes_through_two_lods(tinted_slides, tmp_path):
     lods = [lod for _, lod in tick_lines(run_dir)]
     assert lods[0] == 1.0 and lods[-1] == 0.0 and any(0.0 < lod < 1.0 for lod in lods)
     assert os.path.isfile(os.path.join(run_dir, 'network-final.pkl'))
+    reals = np.asarray(PIL.Image.open(os.path.join(run_dir, 'reals.png')), np.float64)
+    augmented = np.asarray(PIL.Image.open(os.path.join(run_dir, 'reals-augmented.png')), np.float64)
+    assert augmented.shape == reals.shape and np.abs(augmented - reals).mean() > 1
     assert sorted(os.listdir(os.path.join(run_dir, 'slide-overviews'))) == [
         'overview-000-s1.tif.png', 'overview-001-s2.tif.png', 'overview-002-s3.tif.png']
