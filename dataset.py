@@ -224,6 +224,9 @@ class SyntheticDataset(GraphDataset):
 # Whole-slide images: random tissue patches streamed from a folder of slides (wsi.PatchSampler).
 
 
+MAX_READ_AHEAD_MINIBATCHES = 8    # enough to keep every reader busy; more is work thrown away at a LOD change
+
+
 class WSIDataset:
     def __init__(self,
                  tfrecord_dir,              # Folder of slides (named so for config compatibility).
@@ -234,7 +237,7 @@ class WSIDataset:
                  max_label_size=0,          # 0 = no labels, 'full' = all classes, <int> = first N classes.
                  repeat=True,               # Kept for config compatibility: patches are drawn endlessly.
                  shuffle_mb=0,              # Kept for config compatibility: patches are random already.
-                 prefetch_mb=64,            # Patches read ahead of training, in megabytes.
+                 prefetch_mb=64,            # Patches read ahead of training, in megabytes (at most 8 minibatches).
                  buffer_mb=0,               # Kept for config compatibility.
                  num_threads=None,          # Reader threads; None = one per core.
                  recursive=False,           # Also look for slides in subfolders?
@@ -276,7 +279,7 @@ class WSIDataset:
             if self._feed is not None:
                 self._feed.close()      # Stops its reader; nothing stale reaches training.
             minibatch_bytes = setting[0] * int(np.prod(self.shape)) >> (2 * setting[1])
-            depth = max(2, (self._prefetch_mb << 20) // max(minibatch_bytes, 1))
+            depth = int(np.clip((self._prefetch_mb << 20) // max(minibatch_bytes, 1), 2, MAX_READ_AHEAD_MINIBATCHES))
             self._feed = self.sampler.batches(setting[1], setting[0], prefetch=depth)
             self._cur_setting = setting
 
