@@ -6,9 +6,9 @@ the device beside the networks. Per image, with probability p:
   - a hue shift in HSV of up to +-HUE_SHIFT_MAX of the colour circle;
   - a gamma on CIE L* in LAB (sRGB, D65) with a* and b* kept, log-gamma uniform in
     +-LIGHTNESS_GAMMA_LOG_MAX;
-  - a smooth random warp: a WARP_GRID x WARP_GRID grid of random displacements of up to
-    WARP_MAX_SHIFT of the image size, interpolated bilinearly over the image and sampled
-    bilinearly with mirrored borders.
+  - a piecewise-affine warp: a WARP_GRID x WARP_GRID mesh over the image whose nodes move by
+    random displacements of up to WARP_MAX_SHIFT of the image size, each mesh triangle mapped
+    affinely; sampled bilinearly, with mirrored borders.
 The result is float32: nothing is rounded before the networks see it.
 """
 
@@ -68,16 +68,39 @@ def lightness_gamma(rgb, gamma):
 
 
 def random_warp(images):
-    """NHWC images, each displaced by its own smooth random field (see the module docstring)."""
+    """NHWC images, each warped piecewise-affinely by its own random mesh (module docstring)."""
     shape = tf.shape(images)
     count, height, width = shape[0], shape[1], shape[2]
     max_shift = WARP_MAX_SHIFT * tf.cast(height, tf.float32)
-    grid = tf.random_uniform([count, WARP_GRID, WARP_GRID, 2], -1.0, 1.0) * max_shift
-    field = tf.image.resize_bilinear(grid, [height, width], half_pixel_centers=True)
+    node_shifts = tf.random_uniform([count, WARP_GRID, WARP_GRID, 2], -1.0, 1.0) * max_shift
     ys, xs = tf.meshgrid(tf.range(height), tf.range(width), indexing='ij')
-    x = tf.cast(xs, tf.float32)[None] + field[..., 0]
-    y = tf.cast(ys, tf.float32)[None] + field[..., 1]
-    return sample_bilinear(images, x, y)
+    xs, ys = tf.cast(xs, tf.float32), tf.cast(ys, tf.float32)
+    field = piecewise_affine_field(node_shifts, xs, ys)
+    return sample_bilinear(images, xs[None] + field[..., 0], ys[None] + field[..., 1])
+
+
+def piecewise_affine_field(node_shifts, xs, ys):
+    """Displacements [N, H, W, 2] at pixels (xs, ys) [H, W], interpolated from node_shifts
+    [N, G, G, 2] given at a regular G x G mesh spanning the image corner to corner, each cell
+    cut into two triangles along its anti-diagonal: affine inside every triangle, continuous
+    across edges (skimage's PiecewiseAffineTransform on that mesh)."""
+    grid = int(node_shifts.shape[1])
+    cells = grid - 1
+    gx = xs * cells / tf.maximum(tf.reduce_max(xs), 1.0)     # mesh coordinates of each pixel
+    gy = ys * cells / tf.maximum(tf.reduce_max(ys), 1.0)
+    col = tf.minimum(tf.floor(gx), cells - 1)
+    row = tf.minimum(tf.floor(gy), cells - 1)
+    u, v = (gx - col)[..., None], (gy - row)[..., None]
+    nodes = tf.reshape(node_shifts, [-1, grid * grid, 2])
+    first = tf.cast(row * grid + col, tf.int32)
+
+    def node(down, right):
+        return tf.gather(nodes, first + down * grid + right, axis=1)
+
+    top_left, top_right, bottom_left, bottom_right = node(0, 0), node(0, 1), node(1, 0), node(1, 1)
+    upper = top_left + u * (top_right - top_left) + v * (bottom_left - top_left)
+    lower = bottom_right + (1 - u) * (bottom_left - bottom_right) + (1 - v) * (top_right - bottom_right)
+    return tf.where(tf.broadcast_to(u + v <= 1, tf.shape(upper)), upper, lower)
 
 
 def sample_bilinear(images, x, y):

@@ -54,12 +54,20 @@ def test_lightness_gamma_matches_scikit_image_lab_with_chroma_kept(tf_session):
     assert np.abs(run_on(augment.lightness_gamma, chart, [1.0]) - chart).max() < 1e-4
 
 
-def test_warp_is_a_smooth_bounded_non_rigid_displacement_of_each_image(tf_session):
+def affine_fit_residual(values, xs, ys):
+    """Largest deviation of values from their least-squares plane a + b x + c y."""
+    design = np.stack([np.ones_like(xs), xs, ys], axis=1)
+    coefficients = np.linalg.lstsq(design, values, rcond=None)[0]
+    return np.abs(design @ coefficients - values).max()
+
+
+def test_warp_is_a_bounded_non_rigid_piecewise_affine_displacement_of_each_image(tf_session):
     # A coordinate image (channel 0 = x, 1 = y) shows where each output pixel was taken from:
     # bilinear sampling of a linear ramp is exact.
     count, size = 4, 128
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     coords = np.tile(np.dstack([x, y, np.full_like(x, 7)])[None], (count, 1, 1, 1))
+    tf.set_random_seed(1)
     out = tfutil.run(augment.random_warp(tf.constant(coords)))
     assert out.shape == coords.shape
     max_shift = augment.WARP_MAX_SHIFT * size
@@ -73,6 +81,16 @@ def test_warp_is_a_smooth_bounded_non_rigid_displacement_of_each_image(tf_sessio
         assert dx[i].std() > 0.3 and dy[i].std() > 0.3, 'a rigid shift, not a warp'
     assert np.abs(np.diff(dx, axis=2)).max() < 0.5 and np.abs(np.diff(dy, axis=1)).max() < 0.5, 'not smooth'
     assert np.abs(dx[0] - dx[1]).mean() > 0.3, 'the same field for two images'
+    # Piecewise affine: exactly affine inside each triangle of the centre mesh cell, not across them.
+    cells = augment.WARP_GRID - 1
+    u, v = x * cells / (size - 1) - 1, y * cells / (size - 1) - 1     # position inside cell (1, 1)
+    inside = (u > 0.02) & (v > 0.02) & (u < 0.98) & (v < 0.98)
+    for image in range(count):
+        field = out[image, ..., 0] - x
+        halves = [inside & (u + v < 0.97), inside & (u + v > 1.03)]
+        for half in halves:
+            assert affine_fit_residual(field[half], x[half], y[half]) < 2e-3
+        assert affine_fit_residual(field[inside], x[inside], y[inside]) > 0.05, 'one affine map over the cell'
     # Sources stay inside the image: the border is mirrored, not padded.
     assert out[..., :2].min() >= 0 and out[..., :2].max() <= size - 1
 
@@ -82,6 +100,7 @@ def test_augment_minibatch_honours_the_probability_and_the_dynamic_range(tf_sess
     chart = (colour_chart()[0, ::8, ::8] * 255).astype(np.uint8).transpose(2, 0, 1)   # [3, 8, 8]
     images = np.tile(chart[None], (400, 1, 1, 1))
     images[:, :, :, :4] = rng.integers(0, 256, (400, 3, 8, 4))
+    tf.set_random_seed(2)
     placeholder = tf.placeholder(tf.uint8, [None, 3, 8, 8])
     probability = tf.placeholder(tf.float32, [])
     augmented = augment.augment_minibatch(placeholder, probability)
