@@ -245,7 +245,7 @@ def training_rates(steps, minibatch=2):
     return {augment_on: steps * minibatch / total for augment_on, total in seconds.items()}
 
 
-def memory_run(slide_dir, mask_cache, total, lod=4, batch=100):
+def memory_run(slide_dir, mask_cache, total, lod=0, batch=16):
     process = psutil.Process()
     with wsi.PatchSampler(slide_dir, resolution=RESOLUTION, downsample=DOWNSAMPLE, mask_cache_dir=mask_cache,
                           seed=2, log=lambda m: None) as sampler:
