@@ -401,6 +401,7 @@ class PatchSampler:
         self._rng = np.random.default_rng(seed)
         self._local = threading.local()
         self._thread_handles = []   # every thread's handle cache, so close() can close them
+        self.patches_read = 0       # by the readers, read-ahead included
         self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix='wsi-reader')
 
     def _apply_labels(self, infos, slide_dir, label_file, max_label_size):
@@ -534,6 +535,8 @@ class PatchSampler:
                 patch = self._rotate(patch, rng)
             cv2.split(patch, list(images[i]))   # HWC -> CHW straight into the batch
             classes[i] = self.slides[slide_index].class_index
+        with self._lock:
+            self.patches_read += end - begin
 
     def _read_random_patch(self, rng, size):
         """A patch from a random tissue location; failed reads are retried elsewhere, and a

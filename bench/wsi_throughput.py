@@ -99,10 +99,7 @@ def training_feed(sampler, lod, batch):
     patches read, read-ahead included, and closes the feed at the end (which waits for running
     reads), so its readers do not run on into the next producer's turn."""
     def produce(seconds):
-        read = []
-        fill = sampler._fill
-        sampler._fill = lambda images, classes, begin, end, *args: (fill(images, classes, begin, end, *args),
-                                                                    read.append(end - begin))
+        read_before = sampler.patches_read
         feed = sampler.batches(lod, batch)
         try:
             next(feed)
@@ -111,8 +108,7 @@ def training_feed(sampler, lod, batch):
                 next(feed)
         finally:
             feed.close()
-            sampler._fill = fill
-        return sum(read)
+        return sampler.patches_read - read_before
     return produce
 
 
@@ -286,6 +282,8 @@ def main():
     parser.add_argument('--memory-patches', type=int, default=20000)
     parser.add_argument('--train-steps', type=int, default=3, help='timed training steps per mode at 512 px')
     args = parser.parse_args()
+    if args.train_steps < 1:
+        parser.error('--train-steps must be at least 1')
     cores = os.cpu_count()
     with tempfile.TemporaryDirectory() as work_dir:
         slide_dir = bench_slide_dir(work_dir)
