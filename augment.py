@@ -14,7 +14,7 @@ The result is float32: nothing is rounded before the networks see it.
 
 import numpy as np
 
-from tfutil import tf
+from tf_compat import tf
 
 HUE_SHIFT_MAX = 16 / 360
 LIGHTNESS_GAMMA_LOG_MAX = 0.25

@@ -10,7 +10,7 @@ import numpy as np
 
 import augment
 import tfutil
-from tfutil import tf
+from tf_compat import tf
 
 # ----------------------------------------------------------------------------
 # TFRecords in the original multi-LOD layout: <name>-r02.tfrecords ... <name>-rNN.tfrecords, one
@@ -42,6 +42,9 @@ class GraphDataset:
         if self._tf_minibatch_np is None:
             self._tf_minibatch_np = self.get_minibatch_tf()
         return tfutil.run(self._tf_minibatch_np)
+
+    def close(self):
+        """Nothing to release: tf.data owns the readers and ends with the graph."""
 
 
 class TFRecordDataset(GraphDataset):

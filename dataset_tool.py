@@ -41,7 +41,7 @@ class TFRecordExporter:
         os.makedirs(tfrecord_dir, exist_ok=True)
 
     def add_image(self, image_chw):
-        from tfutil import tf
+        from tf_compat import tf
         image_chw = np.asarray(image_chw)
         if not self.writers:
             self._open_writers(image_chw.shape)
@@ -60,7 +60,7 @@ class TFRecordExporter:
         self.progress.update(1)
 
     def _open_writers(self, shape):
-        from tfutil import tf
+        from tf_compat import tf
         channels, height, width = shape
         resolution_log2 = int(np.log2(height))
         if channels not in (1, 3) or height != width or height != 2 ** resolution_log2 or height < 4:
@@ -101,7 +101,7 @@ def write_tfrecords(tfrecord_dir, images_uint8_NCHW, labels=None):
 
 def read_tfrecord_images(tfrecord_path, limit=None):
     """uint8 CHW images from one .tfrecords file."""
-    from tfutil import tf
+    from tf_compat import tf
     images = []
     for record in tf.python_io.tf_record_iterator(tfrecord_path):
         example = tf.train.Example.FromString(record)

@@ -329,7 +329,7 @@ def _variable_difference(func, state):
 
 def local_variable_shapes(func, static_kwargs):
     """{local name: shape} of the variables `func` creates, built in a scratch graph."""
-    from tfutil import tf
+    from tf_compat import tf
     input_names = [p.name for p in inspect.signature(func).parameters.values()
                    if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is p.empty]
     with tf.Graph().as_default():
@@ -402,7 +402,7 @@ def tf1_shim():
     pools in tf.nn run as NHWC between transposes, since CPU kernels accept only NHWC."""
     global _shim
     if _shim is None:
-        from tfutil import tf
+        from tf_compat import tf
         nn = _ShimModule('tensorflow.nn', tf.nn)
         for op_name in ('conv2d', 'conv2d_transpose', 'avg_pool', 'max_pool', 'bias_add'):
             setattr(nn, op_name, _nchw_wrapper(getattr(tf.nn, op_name), op_name))
@@ -426,7 +426,7 @@ def _is_4_list(value):
 
 
 def _nchw_wrapper(op, op_name):
-    from tfutil import tf
+    from tf_compat import tf
     signature = inspect.signature(op)
 
     def wrapper(*args, **kwargs):

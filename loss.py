@@ -4,7 +4,7 @@ AC-GAN label terms when the dataset has labels."""
 import numpy as np
 
 import tfutil
-from tfutil import tf
+from tf_compat import tf
 
 
 def fp32(*values):

@@ -1,5 +1,6 @@
 """Helpers without TensorFlow graph code: pickles, images, logging, result directories."""
 
+import collections
 import glob
 import hashlib
 import io
@@ -419,20 +420,47 @@ def snapshot_kimg(network_pkl):
         return int(match.group(1))
     if os.path.basename(network_pkl) == 'network-final.pkl':
         ticks = read_tick_lines(os.path.dirname(network_pkl))
-        return ticks[-1][0] if ticks else None
+        return ticks[-1].kimg if ticks else None
     return None
 
 
-TICK_LINE = re.compile(r'^tick\s+\d+\s+kimg\s+([\d.]+)\s+.*?time\s+(.+?)\s+sec/tick')
+# ----------------------------------------------------------------------------
+# The tick line: the one line of progress a run prints per tick. train.py writes it through
+# format_tick_line; resuming, the training video and the tests read it back through
+# parse_tick_line, so its layout is defined in this one place.
+
+TickLine = collections.namedtuple('TickLine', 'tick kimg lod minibatch total_sec sec_per_tick sec_per_kimg maintenance_sec')
+
+_TICK_FORMAT = ('tick %-5d kimg %-8.1f lod %-5.2f minibatch %-4d time %-12s sec/tick %-7.1f sec/kimg %-7.2f '
+                'maintenance %.1f')
+_TICK_PATTERN = re.compile(r'^tick\s+(\d+)\s+kimg\s+([\d.]+)\s+lod\s+([\d.]+)\s+minibatch\s+(\d+)\s+'
+                           r'time\s+(.+?)\s+sec/tick\s+([\d.]+)\s+sec/kimg\s+([\d.]+)\s+maintenance\s+([\d.]+)')
+
+
+def format_tick_line(tick):
+    """The printed line for a TickLine (times in seconds; total_sec shown as format_time does)."""
+    return _TICK_FORMAT % (tick.tick, tick.kimg, tick.lod, tick.minibatch, format_time(tick.total_sec),
+                           tick.sec_per_tick, tick.sec_per_kimg, tick.maintenance_sec)
+
+
+def parse_tick_line(line):
+    """The TickLine a printed line holds, or None for any other line. Values are as printed
+    (kimg to 0.1, total time to the second)."""
+    match = _TICK_PATTERN.match(line)
+    if match is None:
+        return None
+    tick, kimg, lod, minibatch, total, per_tick, per_kimg, maintenance = match.groups()
+    return TickLine(int(tick), float(kimg), float(lod), int(minibatch), parse_time(total),
+                    float(per_tick), float(per_kimg), float(maintenance))
 
 
 def read_tick_lines(result_subdir):
-    """(kimg, seconds) of every tick line in the run's log.txt."""
+    """Every tick of the run's log.txt, oldest first (empty when there is no log)."""
     log_file = os.path.join(result_subdir, 'log.txt')
     if not os.path.isfile(log_file):
         return []
     with open(log_file, 'rt', encoding='utf-8', errors='replace') as file:
-        return [(float(m.group(1)), parse_time(m.group(2))) for m in map(TICK_LINE.match, file) if m]
+        return [tick for tick in map(parse_tick_line, file) if tick is not None]
 
 
 def get_id_string_for_network_pkl(network_pkl):
@@ -442,7 +470,7 @@ def get_id_string_for_network_pkl(network_pkl):
 
 def resume_time_from_log(result_subdir, kimg):
     """Training time in seconds at the last tick up to `kimg` (snapshot names round kimg down)."""
-    times = [seconds for tick_kimg, seconds in read_tick_lines(result_subdir) if tick_kimg < kimg + 1]
+    times = [tick.total_sec for tick in read_tick_lines(result_subdir) if tick.kimg < kimg + 1]
     return times[-1] if times else None
 
 

@@ -1,7 +1,7 @@
 """The TensorFlow layer: sessions, import by name, autosummaries, the multi-device Optimizer and
 the picklable Network wrapper.
 
-Every module gets TensorFlow from here (`from tfutil import tf`): TF 2.x run as TF 1.x graph
+Every module gets TensorFlow from here (`from tf_compat import tf`): TF 2.x run as TF 1.x graph
 code through `tensorflow.compat.v1`, switched to graph mode once, in this one place.
 """
 
@@ -12,9 +12,7 @@ import weakref
 from collections import OrderedDict
 
 import numpy as np
-import tensorflow.compat.v1 as tf
-
-tf.disable_v2_behavior()
+from tf_compat import tf
 
 # ----------------------------------------------------------------------------
 # Small helpers.

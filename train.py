@@ -19,7 +19,7 @@ if __name__ == '__main__':
 
 import dataset      # noqa: E402 (imports TensorFlow)
 import tfutil       # noqa: E402
-from tfutil import tf   # noqa: E402
+from tf_compat import tf   # noqa: E402
 
 # ----------------------------------------------------------------------------
 # Real images as the networks see them at a fractional LOD.
@@ -275,15 +275,15 @@ def train_progressive_gan(
                 maintenance_start_time = cur_time
 
                 # Report progress.
-                print('tick %-5d kimg %-8.1f lod %-5.2f minibatch %-4d time %-12s sec/tick %-7.1f sec/kimg %-7.2f maintenance %.1f' % (
-                    tfutil.autosummary('Progress/tick', cur_tick),
-                    tfutil.autosummary('Progress/kimg', cur_nimg / 1000.0),
-                    tfutil.autosummary('Progress/lod', sched.lod),
-                    tfutil.autosummary('Progress/minibatch', sched.minibatch),
-                    misc.format_time(tfutil.autosummary('Timing/total_sec', total_time)),
-                    tfutil.autosummary('Timing/sec_per_tick', tick_time),
-                    tfutil.autosummary('Timing/sec_per_kimg', tick_time / tick_kimg),
-                    tfutil.autosummary('Timing/maintenance_sec', maintenance_time)))
+                print(misc.format_tick_line(misc.TickLine(
+                    tick=tfutil.autosummary('Progress/tick', cur_tick),
+                    kimg=tfutil.autosummary('Progress/kimg', cur_nimg / 1000.0),
+                    lod=tfutil.autosummary('Progress/lod', sched.lod),
+                    minibatch=tfutil.autosummary('Progress/minibatch', sched.minibatch),
+                    total_sec=tfutil.autosummary('Timing/total_sec', total_time),
+                    sec_per_tick=tfutil.autosummary('Timing/sec_per_tick', tick_time),
+                    sec_per_kimg=tfutil.autosummary('Timing/sec_per_kimg', tick_time / tick_kimg),
+                    maintenance_sec=tfutil.autosummary('Timing/maintenance_sec', maintenance_time))))
                 tfutil.autosummary('Timing/total_hours', total_time / (60.0 * 60.0))
                 tfutil.autosummary('Timing/total_days', total_time / (24.0 * 60.0 * 60.0))
                 tfutil.save_summaries(summary_log, cur_nimg)

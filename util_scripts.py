@@ -3,7 +3,6 @@ metrics over every snapshot. To run one, uncomment its line in config.py and lau
 
 import bisect
 import os
-import re
 import sys
 import time
 
@@ -19,7 +18,7 @@ import config
 import misc
 import tfutil
 import train
-from tfutil import tf
+from tf_compat import tf
 
 METRIC_CLASS_NAMES = {
     'swd': 'metrics.sliced_wasserstein.API',
@@ -123,20 +122,13 @@ def generate_interpolation_video(run_id, snapshot=None, grid_size=[1, 1], image_
 # MP4 video of a run's training progress, from its log.txt and fakes*.png.
 
 
-TICK_LINE = re.compile(r'^tick\s+\d+\s+kimg\s+([\d.]+)\s+lod\s+([\d.]+)\s+.*?time\s+(.+?)\s+sec/tick')
-
-
 def parse_training_log(result_subdir):
     """[(seconds, fakes png, kimg, lod)] for every tick of log.txt whose image grid exists."""
     snaps = []
-    with open(os.path.join(result_subdir, 'log.txt'), 'rt', encoding='utf-8', errors='replace') as log:
-        for line in log:
-            match = TICK_LINE.match(line)
-            if match:
-                kimg, lod = float(match.group(1)), float(match.group(2))
-                png = os.path.join(result_subdir, 'fakes%06d.png' % int(np.floor(kimg)))
-                if os.path.isfile(png):
-                    snaps.append((misc.parse_time(match.group(3)), png, kimg, lod))
+    for tick in misc.read_tick_lines(result_subdir):
+        png = os.path.join(result_subdir, 'fakes%06d.png' % int(np.floor(tick.kimg)))
+        if os.path.isfile(png):
+            snaps.append((tick.total_sec, png, tick.kimg, tick.lod))
     if not snaps:
         raise IOError('No tick with a fakes*.png in "%s": nothing to make a training video of'
                       % os.path.join(result_subdir, 'log.txt'))

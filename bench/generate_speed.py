@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import tfutil  # noqa: E402
 from metrics import sliced_wasserstein  # noqa: E402
-from tfutil import tf  # noqa: E402
+from tf_compat import tf  # noqa: E402
 
 
 def build_gs(resolution):

@@ -20,7 +20,7 @@ import config  # noqa: E402
 import dataset  # noqa: E402
 import tfutil  # noqa: E402
 import train  # noqa: E402
-from tfutil import tf  # noqa: E402
+from tf_compat import tf  # noqa: E402
 
 NETS = dict(fmap_base=256, fmap_max=64)
 MINIBATCH = 16

@@ -41,7 +41,7 @@ import dataset  # noqa: E402
 import tfutil  # noqa: E402
 import train  # noqa: E402
 import wsi  # noqa: E402
-from tfutil import tf  # noqa: E402
+from tf_compat import tf  # noqa: E402
 
 RESOLUTION, DOWNSAMPLE = 512, 4
 LODS = [0, 1, 2, 4]

@@ -4,7 +4,7 @@ import numpy as np
 import scipy.linalg
 
 import metrics
-from tfutil import tf
+from tf_compat import tf
 
 
 class InceptionNet:

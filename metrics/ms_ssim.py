@@ -10,7 +10,7 @@ therefore comparable with each other but not with 5-scale values.
 """
 import numpy as np
 
-from tfutil import tf
+from tf_compat import tf
 
 STANDARD_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al., finest first.
 FILTER_SIZE = 11

@@ -105,7 +105,7 @@ def messages():
 @pytest.fixture
 def tf_session():
     import tfutil
-    from tfutil import tf
+    from tf_compat import tf
     with tf.Graph().as_default(), tfutil.create_session().as_default() as session:
         yield session
 
@@ -114,6 +114,6 @@ def tf_session():
 def tf_session_2cpu():
     """A session with two virtual CPU devices, standing in for two GPUs."""
     import tfutil
-    from tfutil import tf
+    from tf_compat import tf
     with tf.Graph().as_default(), tfutil.create_session({'device_count.CPU': 2}).as_default() as session:
         yield session

@@ -4,7 +4,7 @@
 import numpy as np
 
 import loss
-from tfutil import tf
+from tf_compat import tf
 
 
 def D_nan_when_fading(G, D, opt, training_set, minibatch_size, reals, labels, **kwargs):

@@ -11,7 +11,7 @@ import dataset
 import tfutil
 import train
 from conftest import write_slide
-from tfutil import tf
+from tf_compat import tf
 
 
 def colour_chart():

@@ -9,7 +9,7 @@ import dataset_tool
 import misc
 import tfutil
 from test_train import shapes_images
-from tfutil import tf
+from tf_compat import tf
 from train_helpers import run_dirs, run_train, write_config
 
 NETS = dict(fmap_base=128, fmap_max=64)

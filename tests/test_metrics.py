@@ -21,7 +21,7 @@ from metrics import frechet_inception_distance as fid
 from metrics import inception_score
 from metrics import ms_ssim
 from metrics import sliced_wasserstein as swd
-from tfutil import tf
+from tf_compat import tf
 
 # ----------------------------------------------------------------------------------------------
 # Test images: two stains (a fine and a coarse texture) in Beer-Lambert optical density.

@@ -13,7 +13,7 @@ import pytest
 
 import misc
 import tfutil
-from tfutil import tf
+from tf_compat import tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NET_KWARGS = dict(num_channels=3, resolution=16, label_size=3, fmap_base=64, fmap_max=16)
@@ -44,7 +44,7 @@ def test_pickle_round_trip_in_a_fresh_process(tf_session, tmp_path):
         import pickle, sys
         import numpy as np
         import tfutil
-        from tfutil import tf
+        from tf_compat import tf
         tfutil.init_tf()
         G, D, Gs = pickle.load(open(sys.argv[1], 'rb'))
         io = np.load(sys.argv[2])

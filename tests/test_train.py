@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 import dataset_tool
-from tfutil import tf
+from tf_compat import tf
 from train_helpers import run_dirs, run_train, tick_lines, write_config
 
 

@@ -15,7 +15,7 @@ import misc
 import tfutil
 import util_scripts
 from conftest import write_slide
-from tfutil import tf
+from tf_compat import tf
 from train_helpers import write_config
 
 RESOLUTION = 16

@@ -2,9 +2,10 @@
 
 import glob
 import os
-import re
 import subprocess
 import sys
+
+import misc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,10 +68,4 @@ def run_dirs(result_dir):
 
 def tick_lines(run_dir):
     """(kimg, lod) of every tick line in the run's log.txt."""
-    ticks = []
-    with open(os.path.join(run_dir, 'log.txt'), encoding='utf-8') as file:
-        for line in file:
-            match = re.match(r'^tick\s+\d+\s+kimg\s+([\d.]+)\s+lod\s+([\d.]+)', line)
-            if match:
-                ticks.append((float(match.group(1)), float(match.group(2))))
-    return ticks
+    return [(tick.kimg, tick.lod) for tick in misc.read_tick_lines(run_dir)]
