@@ -3,19 +3,17 @@ utility script), then run `python train.py`. `python train.py other_config.py` r
 of this shape instead."""
 
 # ----------------------------------------------------------------------------
-# Convenience class that behaves exactly like dict(), but allows accessing
-# the keys and values using the attribute syntax, i.e., "mydict.key = value".
 
 
 class EasyDict(dict):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    """A dict whose keys read and write as attributes too (`G.fmap_base = 256`), which keeps the
+    one-line settings below short. A missing key raises AttributeError, so getattr() defaults work."""
 
     def __getattr__(self, name):
         try:
             return self[name]
         except KeyError:
-            raise AttributeError(name)
+            raise AttributeError(name) from None
 
     def __setattr__(self, name, value):
         self[name] = value
@@ -25,45 +23,53 @@ class EasyDict(dict):
 
 
 # ----------------------------------------------------------------------------
-# Paths.
+# Where things live, relative to the folder you start train.py from.
 
 data_dir = 'datasets'
 result_dir = 'results'
-inception_dir = None        # Folder holding classify_image_graph_def.pb for FID/IS; None = cache dir.
+inception_dir = None        # Only FID and IS need it: folder of classify_image_graph_def.pb; None looks in the cache.
 
 # ----------------------------------------------------------------------------
-# TensorFlow options.
+# TensorFlow session and process environment (rarely edited).
 
-tf_config = EasyDict()      # TensorFlow session config, set by tfutil.init_tf().
-env = EasyDict()            # Environment variables, set by the main program in train.py.
+tf_config = EasyDict()      # Session fields as 'group.field' keys; tfutil.init_tf() applies them.
+env = EasyDict()            # Copied into os.environ by train.py before the session starts.
 
-tf_config['graph_options.place_pruned_graph'] = True    # False (default) = Check that all ops are available on the designated device. True = Skip the check for ops that are not used.
-#tf_config['gpu_options.allow_growth']          = False  # False = Allocate all GPU memory at the beginning. True = Allocate only as much GPU memory as needed.
-#env.CUDA_VISIBLE_DEVICES                       = '0'    # Unspecified (default) = Use all available GPUs. List of ints = CUDA device numbers to use.
-env.TF_CPP_MIN_LOG_LEVEL                        = '1'    # 0 (default) = Print all available debug info from TensorFlow. 1 = Print warnings and errors, but disable debug info.
+tf_config['graph_options.place_pruned_graph'] = True    # Place only the ops a run uses, so ops that cannot run on this device do not stop it.
+#tf_config['gpu_options.allow_growth']          = False  # True: take GPU memory bit by bit, e.g. when sharing a GPU; False grabs it all at start.
+#env.CUDA_VISIBLE_DEVICES                       = '0'    # Which GPUs this run may see, e.g. '0,1'; unset means all of them.
+env.TF_CPP_MIN_LOG_LEVEL                        = '1'    # '1' hides TensorFlow's info chatter and keeps its warnings and errors.
 
 # ----------------------------------------------------------------------------
-# Official training configs, targeted mainly for CelebA-HQ and whole-slide images.
-# To run, comment/uncomment the lines as appropriate and launch train.py.
+# A training run: one line from each group below (dataset, preset, precision) plus any switches.
+# kimg counts thousands of real patches shown to the discriminator; it is the unit of progress.
 
-desc        = 'pgan'                                        # Description string included in result subdir name.
-random_seed = 1000                                          # Global random seed.
-dataset     = EasyDict()                                    # Options for dataset.load_dataset().
-train       = EasyDict(func='train.train_progressive_gan')  # Options for main training func.
-G           = EasyDict(func='networks.G_paper')             # Options for generator network.
-D           = EasyDict(func='networks.D_paper')             # Options for discriminator network.
-G_opt       = EasyDict(beta1=0.0, beta2=0.99, epsilon=1e-8) # Options for generator optimizer.
-D_opt       = EasyDict(beta1=0.0, beta2=0.99, epsilon=1e-8) # Options for discriminator optimizer.
-G_loss      = EasyDict(func='loss.G_wgan_acgan')            # Options for generator loss.
-D_loss      = EasyDict(func='loss.D_wgangp_acgan')          # Options for discriminator loss.
-sched       = EasyDict()                                    # Options for train.TrainingSchedule.
-grid        = EasyDict(size='1080p', layout='random')       # Options for train.setup_snapshot_image_grid().
+desc        = 'pgan'                                        # Start of the run's folder name; each chosen line appends its tag.
+random_seed = 1000                                          # Seeds NumPy at start, e.g. the snapshot grid's latents.
+dataset     = EasyDict()                                    # Arguments of dataset.load_dataset(): where the images come from.
+train       = EasyDict(func='train.train_progressive_gan')  # What train.py runs, with its arguments (training or a utility script).
+G           = EasyDict(func='networks.G_paper')             # Generator build function and its options.
+D           = EasyDict(func='networks.D_paper')             # Discriminator build function and its options.
+G_opt       = EasyDict(beta1=0.0, beta2=0.99, epsilon=1e-8) # Adam settings for G; beta1=0 (no momentum) as in the paper.
+D_opt       = EasyDict(beta1=0.0, beta2=0.99, epsilon=1e-8) # Adam settings for D, the same as G's.
+G_loss      = EasyDict(func='loss.G_wgan_acgan')            # G's objective: Wasserstein loss, plus a class term with labels.
+D_loss      = EasyDict(func='loss.D_wgangp_acgan')          # D's: Wasserstein loss, gradient penalty, class term.
+sched       = EasyDict()                                    # train.TrainingSchedule: when to grow, minibatch and rate per resolution.
+grid        = EasyDict(size='1080p', layout='random')       # The fakesNNNNNN.png/reals.png mosaic: screen size and order.
 
-# Dataset (choose one).
+# Dataset (choose one). tfrecord_dir is the slide folder under data_dir; a patch is `resolution`
+# pixels square, read at `downsample` level-0 (full-scan) pixels per patch pixel, so it covers
+# resolution * downsample level-0 pixels: 512 * 4 = 2048 px, about 0.5 mm on a 40x scan (0.25 um/px).
+# mirror_augment adds random left-right flips, harmless for tissue, which has no handedness.
+# demowsi: three small synthetic slides, written on first use (32-px patches, a 256-px field);
+# -wsi: your folder of .svs scans; -wsi-labels: plus a CSV of (slide file, class) for the -cond lines;
+# -kidney-256: two scanner formats, half the patches colour/warp-augmented, random quarter turns.
 desc += '-demowsi';         dataset = EasyDict(class_name='dataset.WSIDataset', tfrecord_dir='demo-wsi', wsi_ext=['.svs', '.tif'], resolution=32, downsample=8, create_demo=True); train.mirror_augment = True
 #desc += '-wsi';             dataset = EasyDict(class_name='dataset.WSIDataset', tfrecord_dir='my-slides', wsi_ext='.svs', resolution=512, downsample=4); train.mirror_augment = True
 #desc += '-wsi-labels';      dataset = EasyDict(class_name='dataset.WSIDataset', tfrecord_dir='my-slides', wsi_ext='.svs', resolution=512, downsample=4, label_file='my-slides/labels.csv'); train.mirror_augment = True
 #desc += '-kidney-256';      dataset = EasyDict(class_name='dataset.WSIDataset', tfrecord_dir='kidney-biopsies', wsi_ext=['.svs', '.ndpi'], resolution=256, downsample=2, augment=0.5, rotate90=True); train.mirror_augment = True
+# Image benchmarks of the ProGAN paper and your own images, as TFRecords made by dataset_tool.py;
+# then random images of a given size, to time the networks without reading anything.
 #desc += '-celebahq';        dataset = EasyDict(tfrecord_dir='celebahq'); train.mirror_augment = True
 #desc += '-celeba';          dataset = EasyDict(tfrecord_dir='celeba'); train.mirror_augment = True
 #desc += '-cifar10';         dataset = EasyDict(tfrecord_dir='cifar10')
@@ -71,49 +77,65 @@ desc += '-demowsi';         dataset = EasyDict(class_name='dataset.WSIDataset', 
 #desc += '-tfrecords';       dataset = EasyDict(tfrecord_dir='my-tfrecords')
 #desc += '-syn1024rgb';      dataset = EasyDict(class_name='dataset.SyntheticDataset', resolution=1024, num_channels=3)
 
-# Conditioning & snapshot options.
-#desc += '-cond'; dataset.max_label_size = 'full' # conditioned on full label
-#desc += '-cond1'; dataset.max_label_size = 1 # conditioned on first component of the label
-#desc += '-g4k'; grid.size = '4k'
-#desc += '-grpc'; grid.layout = 'row_per_class'
+# Slide labels and the snapshot grid (optional). The -cond lines need a label_file (see -wsi-labels):
+# G then draws patches of a requested class and D also learns to tell the class of a patch.
+#desc += '-cond'; dataset.max_label_size = 'full' # condition on every class of the CSV
+#desc += '-cond1'; dataset.max_label_size = 1 # condition on the first class only (present or not)
+#desc += '-g4k'; grid.size = '4k'             # grid images fill a 3840x2160 screen instead of 1920x1080
+#desc += '-grpc'; grid.layout = 'row_per_class' # one class per grid row, to compare classes by eye
 
-# Config presets (choose one).
+# Preset (choose one): GPU count, network width and the schedule. Minibatch sizes are totals split
+# evenly over the GPUs, with a smaller size per resolution (minibatch_dict) where memory runs short.
+# cpu-demo: small networks that train the demo slides on a CPU in minutes (5 kimg per phase, 40 in all).
 desc += '-preset-cpu-demo'; num_gpus = 1; G.fmap_base = 256; G.fmap_max = 64; G.latent_size = 64; D.fmap_base = 256; D.fmap_max = 64; sched.lod_initial_resolution = 4; sched.lod_training_kimg = 5; sched.lod_transition_kimg = 5; sched.minibatch_base = 16; sched.tick_kimg_base = 2.5; sched.tick_kimg_dict = {}; train.total_kimg = 40; train.G_smoothing = 0.99; train.network_snapshot_ticks = 4; grid.size = '8x6'
+# v1: the paper's first schedule on one GPU: 800 kimg to settle each resolution and 800 to fade in
+# the next, 19 million patches in all; D compares statistics over groups of 16 patches.
 #desc += '-preset-v1-1gpu'; num_gpus = 1; D.mbstd_group_size = 16; sched.minibatch_base = 16; sched.minibatch_dict = {256: 14, 512: 6, 1024: 3}; sched.lod_training_kimg = 800; sched.lod_transition_kimg = 800; train.total_kimg = 19000
+# v2: the faster later schedule for 1, 2, 4 or 8 GPUs: 600-kimg phases, big minibatches at low
+# resolution, higher learning rates at the top resolutions, 12 million patches in all.
 #desc += '-preset-v2-1gpu'; num_gpus = 1; sched.minibatch_base = 4; sched.minibatch_dict = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8, 512: 4}; sched.G_lrate_dict = {1024: 0.0015}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000
 #desc += '-preset-v2-2gpus'; num_gpus = 2; sched.minibatch_base = 8; sched.minibatch_dict = {4: 256, 8: 256, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8}; sched.G_lrate_dict = {512: 0.0015, 1024: 0.002}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000
 #desc += '-preset-v2-4gpus'; num_gpus = 4; sched.minibatch_base = 16; sched.minibatch_dict = {4: 512, 8: 256, 16: 128, 32: 64, 64: 32, 128: 16}; sched.G_lrate_dict = {256: 0.0015, 512: 0.002, 1024: 0.003}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000
 #desc += '-preset-v2-8gpus'; num_gpus = 8; sched.minibatch_base = 32; sched.minibatch_dict = {4: 512, 8: 256, 16: 128, 32: 64, 64: 32}; sched.G_lrate_dict = {128: 0.0015, 256: 0.002, 512: 0.003, 1024: 0.003}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000
 
-# Numerical precision (choose one).
+# Precision (choose one). fp32 is safe everywhere; the cap keeps large patches within GPU memory.
+# fp16 halves memory and is faster on GPUs with half-precision units; it scales the losses so small
+# gradients do not round to zero, and needs a larger epsilon in G's pixel normalisation.
 desc += '-fp32'; sched.max_minibatch_per_gpu = {256: 16, 512: 8, 1024: 4}
 #desc += '-fp16'; G.dtype = 'float16'; D.dtype = 'float16'; G.pixelnorm_epsilon=1e-4; G_opt.use_loss_scaling = True; D_opt.use_loss_scaling = True; sched.max_minibatch_per_gpu = {512: 16, 1024: 8}
 
-# Disable individual features.
+# Switches that each turn one of ProGAN's ideas off, to see what it contributes (ablations).
+# -nogrowing: no progressive growing; train at the full patch size from the first step.
 #desc += '-nogrowing'; sched.lod_initial_resolution = 1024; sched.lod_training_kimg = 0; sched.lod_transition_kimg = 0; train.total_kimg = 10000
-#desc += '-nopixelnorm'; G.use_pixelnorm = False
-#desc += '-nowscale'; G.use_wscale = False; D.use_wscale = False
-#desc += '-noleakyrelu'; G.use_leakyrelu = False
-#desc += '-nosmoothing'; train.G_smoothing = 0.0
-#desc += '-norepeat'; train.minibatch_repeats = 1
-#desc += '-noreset'; train.reset_opt_for_new_lod = False
+#desc += '-nopixelnorm'; G.use_pixelnorm = False    # G's features are not rescaled to unit length per pixel
+#desc += '-nowscale'; G.use_wscale = False; D.use_wscale = False    # plain weight init, no per-layer rate equalising
+#desc += '-noleakyrelu'; G.use_leakyrelu = False    # G uses plain ReLU (zero slope below zero)
+#desc += '-nosmoothing'; train.G_smoothing = 0.0    # Gs (snapshots, scripts) is G itself, not its running average
+#desc += '-norepeat'; train.minibatch_repeats = 1   # schedule rechecked after every minibatch instead of every 4
+#desc += '-noreset'; train.reset_opt_for_new_lod = False    # Adam keeps its moments when a new resolution comes in
 
-# Special modes.
+# Special modes for measuring and debugging, not for real training.
+# BENCHMARK: 3 kimg per phase through every resolution to time each; BENCHMARK0: 10 kimg at full size only.
 #desc += '-BENCHMARK'; sched.lod_initial_resolution = 4; sched.lod_training_kimg = 3; sched.lod_transition_kimg = 3; train.total_kimg = (8*2+1)*3; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1000; train.network_snapshot_ticks = 1000
 #desc += '-BENCHMARK0'; sched.lod_initial_resolution = 1024; train.total_kimg = 10; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1000; train.network_snapshot_ticks = 1000
+# VERBOSE: a tick line and an image grid every kimg; GRAPH, HIST: the graph or weight histograms in TensorBoard.
 #desc += '-VERBOSE'; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1; train.network_snapshot_ticks = 100
 #desc += '-GRAPH'; train.save_tf_graph = True
 #desc += '-HIST'; train.save_weight_histograms = True
 
 # ----------------------------------------------------------------------------
-# Utility scripts.
-# To run, uncomment the appropriate line and launch train.py.
+# Utility scripts: uncomment one line and run train.py; its output goes to a new results folder.
+# run_id names the trained run to use: its number (23 = results/023-*), its folder or a .pkl path.
 
+# Generated patches: 1000 single PNGs; then 10 PNG mosaics of 15x8 patches, each shrunk 4x.
 #train = EasyDict(func='util_scripts.generate_fake_images', run_id=23, num_pngs=1000); num_gpus = 1; desc = 'fake-images-' + str(train.run_id)
 #train = EasyDict(func='util_scripts.generate_fake_images', run_id=23, grid_size=[15,8], num_pngs=10, image_shrink=4); num_gpus = 1; desc = 'fake-grids-' + str(train.run_id)
+# Videos: a 60-s smooth walk through G's latent space; the run's progress from its fakes*.png.
 #train = EasyDict(func='util_scripts.generate_interpolation_video', run_id=23, grid_size=[1,1], duration_sec=60.0, smoothing_sec=1.0); num_gpus = 1; desc = 'interpolation-video-' + str(train.run_id)
 #train = EasyDict(func='util_scripts.generate_training_video', run_id=23, duration_sec=20.0); num_gpus = 1; desc = 'training-video-' + str(train.run_id)
 
+# Image-quality metrics for every snapshot of a run against real patches of its dataset; one row per
+# snapshot in the named log. real_passes=2 also scores reals against reals, the floor to compare with.
 #train = EasyDict(func='util_scripts.evaluate_metrics', run_id=23, log='metric-swd-16k.txt', metrics=['swd'], num_images=16384, real_passes=2); num_gpus = 1; desc = train.func + '-' + str(train.run_id)
 #train = EasyDict(func='util_scripts.evaluate_metrics', run_id=23, log='metric-fid-10k.txt', metrics=['fid'], num_images=10000, real_passes=1); num_gpus = 1; desc = train.func + '-' + str(train.run_id)
 #train = EasyDict(func='util_scripts.evaluate_metrics', run_id=23, log='metric-fid-50k.txt', metrics=['fid'], num_images=50000, real_passes=1); num_gpus = 1; desc = train.func + '-' + str(train.run_id)
