@@ -4,6 +4,7 @@ statistics at least twice as close to the real ones as they were at initialisati
 import os
 
 import numpy as np
+import pytest
 
 import dataset_tool
 import misc
@@ -11,6 +12,8 @@ import tfutil
 from test_train import shapes_images
 from tf_compat import tf
 from train_helpers import run_dirs, run_train, write_config
+
+pytestmark = pytest.mark.slow
 
 NETS = dict(fmap_base=128, fmap_max=64)
 

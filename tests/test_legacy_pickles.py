@@ -456,6 +456,7 @@ num_gpus = 1
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['local', 'shim'])
 def test_resume_from_a_legacy_pickle(tmp_path, kind):
     # 'local': the original's G_paper/D_paper, rebuilt from this project's networks module.

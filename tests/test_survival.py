@@ -52,6 +52,7 @@ def load_all_snapshots(result_dir, session):
 # SIGKILL at random moments, restarted by the very same command.
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_the_same_command_finishes(data8, tmp_path, session):
     results = str(tmp_path / 'results')
     cfg = write_config(tmp_path / 'run.py', results, dict(tfrecord_dir=data8), desc='preempt',
@@ -117,6 +118,7 @@ def test_sigkill_at_random_moments_then_the_same_command_finishes(data8, tmp_pat
 # SIGTERM / Ctrl-C: finish the step, snapshot the current kimg, exit 143 / 130.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
 def test_sigterm_writes_a_loadable_snapshot_of_the_current_kimg(data8, tmp_path, session, signum):
     results = str(tmp_path / 'results')
@@ -150,6 +152,7 @@ def test_sigterm_writes_a_loadable_snapshot_of_the_current_kimg(data8, tmp_path,
 # Losses that stay non-finite stop the run; the last good snapshot stays as it was.
 
 
+@pytest.mark.slow
 def test_persistent_nan_stops_the_run_and_keeps_the_last_good_snapshot(data8, tmp_path, session):
     results = str(tmp_path / 'results')
     cfg = append(write_config(tmp_path / 'nan.py', results, dict(tfrecord_dir=data8), desc='nan',
@@ -193,6 +196,7 @@ def npz(path):
         return {name: data[name] for name in data.files}
 
 
+@pytest.mark.slow
 def test_resume_in_the_same_lod_phase_restores_optimizer_state(data8, tmp_path, session):
     results = str(tmp_path / 'results')
     loss_scaling = 'G_opt.use_loss_scaling = True\nD_opt.use_loss_scaling = True\n'

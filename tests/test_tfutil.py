@@ -168,6 +168,7 @@ def test_nonfinite_gradients_are_skipped_and_lower_the_loss_scale(tf_session):
     assert tfutil.run(ls_var) == pytest.approx(8.5)
 
 
+@pytest.mark.slow
 def test_fp16_trains_with_loss_scaling(tf_session):
     import loss
     import dataset

@@ -12,6 +12,8 @@ import dataset_tool
 from tf_compat import tf
 from train_helpers import run_dirs, run_train, tick_lines, write_config
 
+pytestmark = pytest.mark.slow
+
 
 def shapes_images(count, resolution, seed):
     """Coloured rectangles and discs on a light background, NCHW uint8."""

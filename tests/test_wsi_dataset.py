@@ -65,6 +65,7 @@ def test_a_new_lod_takes_effect_at_the_next_run(tf_session, tinted_slides, tmp_p
     wsi_set.close()
 
 
+@pytest.mark.slow
 def test_training_on_slides_passes_through_two_lods(tinted_slides, tmp_path):
     results = tmp_path / 'results'
     config = write_config(
