@@ -85,8 +85,8 @@ desc += '-demowsi';         dataset = EasyDict(class_name='dataset.WSIDataset', 
 #desc += '-grpc'; grid.layout = 'row_per_class' # one class per grid row, to compare classes by eye
 
 # Preset (choose one): GPU count, network width and the schedule. Minibatch sizes are totals split
-# evenly over the GPUs, with a smaller size per resolution (minibatch_dict) where memory runs short.
-# cpu-demo: small networks that train the demo slides on a CPU in minutes (5 kimg per phase, 40 in all).
+# evenly over the GPUs; minibatch_dict sets them per resolution: large for small images, small for big.
+# cpu-demo: small networks for the demo slides on a CPU (5 kimg to settle each size, 5 to fade in the next).
 desc += '-preset-cpu-demo'; num_gpus = 1; G.fmap_base = 256; G.fmap_max = 64; G.latent_size = 64; D.fmap_base = 256; D.fmap_max = 64; sched.lod_initial_resolution = 4; sched.lod_training_kimg = 5; sched.lod_transition_kimg = 5; sched.minibatch_base = 16; sched.tick_kimg_base = 2.5; sched.tick_kimg_dict = {}; train.total_kimg = 40; train.G_smoothing = 0.99; train.network_snapshot_ticks = 4; grid.size = '8x6'
 # v1: the paper's first schedule on one GPU: 800 kimg to settle each resolution and 800 to fade in
 # the next, 19 million patches in all; D compares statistics over groups of 16 patches.
@@ -115,7 +115,7 @@ desc += '-fp32'; sched.max_minibatch_per_gpu = {256: 16, 512: 8, 1024: 4}
 #desc += '-noreset'; train.reset_opt_for_new_lod = False    # Adam keeps its moments when a new resolution comes in
 
 # Special modes for measuring and debugging, not for real training.
-# BENCHMARK: 3 kimg per phase through every resolution to time each; BENCHMARK0: 10 kimg at full size only.
+# BENCHMARK: 3 kimg per phase through every resolution, no snapshots, to time each; BENCHMARK0: 10 kimg at full size.
 #desc += '-BENCHMARK'; sched.lod_initial_resolution = 4; sched.lod_training_kimg = 3; sched.lod_transition_kimg = 3; train.total_kimg = (8*2+1)*3; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1000; train.network_snapshot_ticks = 1000
 #desc += '-BENCHMARK0'; sched.lod_initial_resolution = 1024; train.total_kimg = 10; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1000; train.network_snapshot_ticks = 1000
 # VERBOSE: a tick line and an image grid every kimg; GRAPH, HIST: the graph or weight histograms in TensorBoard.
