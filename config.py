@@ -70,12 +70,12 @@ desc += '-demowsi';         dataset = EasyDict(class_name='dataset.WSIDataset', 
 #desc += '-kidney-256';      dataset = EasyDict(class_name='dataset.WSIDataset', tfrecord_dir='kidney-biopsies', wsi_ext=['.svs', '.ndpi'], resolution=256, downsample=2, augment=0.5, rotate90=True); train.mirror_augment = True
 # Image benchmarks of the ProGAN paper and your own images, as TFRecords made by dataset_tool.py;
 # then random images of a given size, to time the networks without reading anything.
-#desc += '-celebahq';        dataset = EasyDict(tfrecord_dir='celebahq'); train.mirror_augment = True
-#desc += '-celeba';          dataset = EasyDict(tfrecord_dir='celeba'); train.mirror_augment = True
-#desc += '-cifar10';         dataset = EasyDict(tfrecord_dir='cifar10')
-#desc += '-mnist';           dataset = EasyDict(tfrecord_dir='mnist')
+#desc += '-celebahq';        dataset = EasyDict(tfrecord_dir='celebahq'); train.mirror_augment = True    # faces, 1024 px
+#desc += '-celeba';          dataset = EasyDict(tfrecord_dir='celeba'); train.mirror_augment = True    # faces, 128 px
+#desc += '-cifar10';         dataset = EasyDict(tfrecord_dir='cifar10')    # 32-px photos, 10 classes
+#desc += '-mnist';           dataset = EasyDict(tfrecord_dir='mnist')    # 28-px digits padded to 32
 #desc += '-tfrecords';       dataset = EasyDict(tfrecord_dir='my-tfrecords')
-#desc += '-syn1024rgb';      dataset = EasyDict(class_name='dataset.SyntheticDataset', resolution=1024, num_channels=3)
+#desc += '-syn1024rgb';      dataset = EasyDict(class_name='dataset.SyntheticDataset', resolution=1024, num_channels=3)    # timing only
 
 # Slide labels and the snapshot grid (optional). The -cond lines need a label_file (see -wsi-labels):
 # G then draws patches of a requested class and D also learns to tell the class of a patch.
@@ -90,23 +90,23 @@ desc += '-demowsi';         dataset = EasyDict(class_name='dataset.WSIDataset', 
 desc += '-preset-cpu-demo'; num_gpus = 1; G.fmap_base = 256; G.fmap_max = 64; G.latent_size = 64; D.fmap_base = 256; D.fmap_max = 64; sched.lod_initial_resolution = 4; sched.lod_training_kimg = 5; sched.lod_transition_kimg = 5; sched.minibatch_base = 16; sched.tick_kimg_base = 2.5; sched.tick_kimg_dict = {}; train.total_kimg = 40; train.G_smoothing = 0.99; train.network_snapshot_ticks = 4; grid.size = '8x6'
 # v1: the paper's first schedule on one GPU: 800 kimg to settle each resolution and 800 to fade in
 # the next, 19 million patches in all; D compares statistics over groups of 16 patches.
-#desc += '-preset-v1-1gpu'; num_gpus = 1; D.mbstd_group_size = 16; sched.minibatch_base = 16; sched.minibatch_dict = {256: 14, 512: 6, 1024: 3}; sched.lod_training_kimg = 800; sched.lod_transition_kimg = 800; train.total_kimg = 19000
+#desc += '-preset-v1-1gpu'; num_gpus = 1; D.mbstd_group_size = 16; sched.minibatch_base = 16; sched.minibatch_dict = {256: 14, 512: 6, 1024: 3}; sched.lod_training_kimg = 800; sched.lod_transition_kimg = 800; train.total_kimg = 19000    # v1, 1 GPU
 # v2: the faster later schedule for 1, 2, 4 or 8 GPUs: 600-kimg phases, big minibatches at low
 # resolution, higher learning rates at the top resolutions, 12 million patches in all.
 #desc += '-preset-v2-1gpu'; num_gpus = 1; sched.minibatch_base = 4; sched.minibatch_dict = {4: 128, 8: 128, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8, 512: 4}; sched.G_lrate_dict = {1024: 0.0015}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000
-#desc += '-preset-v2-2gpus'; num_gpus = 2; sched.minibatch_base = 8; sched.minibatch_dict = {4: 256, 8: 256, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8}; sched.G_lrate_dict = {512: 0.0015, 1024: 0.002}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000
-#desc += '-preset-v2-4gpus'; num_gpus = 4; sched.minibatch_base = 16; sched.minibatch_dict = {4: 512, 8: 256, 16: 128, 32: 64, 64: 32, 128: 16}; sched.G_lrate_dict = {256: 0.0015, 512: 0.002, 1024: 0.003}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000
-#desc += '-preset-v2-8gpus'; num_gpus = 8; sched.minibatch_base = 32; sched.minibatch_dict = {4: 512, 8: 256, 16: 128, 32: 64, 64: 32}; sched.G_lrate_dict = {128: 0.0015, 256: 0.002, 512: 0.003, 1024: 0.003}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000
+#desc += '-preset-v2-2gpus'; num_gpus = 2; sched.minibatch_base = 8; sched.minibatch_dict = {4: 256, 8: 256, 16: 128, 32: 64, 64: 32, 128: 16, 256: 8}; sched.G_lrate_dict = {512: 0.0015, 1024: 0.002}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000    # v2, 2 GPUs
+#desc += '-preset-v2-4gpus'; num_gpus = 4; sched.minibatch_base = 16; sched.minibatch_dict = {4: 512, 8: 256, 16: 128, 32: 64, 64: 32, 128: 16}; sched.G_lrate_dict = {256: 0.0015, 512: 0.002, 1024: 0.003}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000    # v2, 4 GPUs
+#desc += '-preset-v2-8gpus'; num_gpus = 8; sched.minibatch_base = 32; sched.minibatch_dict = {4: 512, 8: 256, 16: 128, 32: 64, 64: 32}; sched.G_lrate_dict = {128: 0.0015, 256: 0.002, 512: 0.003, 1024: 0.003}; sched.D_lrate_dict = EasyDict(sched.G_lrate_dict); train.total_kimg = 12000    # v2, 8 GPUs
 
 # Precision (choose one). fp32 is safe everywhere; the cap keeps large patches within GPU memory.
 # fp16 halves memory and is faster on GPUs with half-precision units; it scales the losses so small
 # gradients do not round to zero, and needs a larger epsilon in G's pixel normalisation.
 desc += '-fp32'; sched.max_minibatch_per_gpu = {256: 16, 512: 8, 1024: 4}
-#desc += '-fp16'; G.dtype = 'float16'; D.dtype = 'float16'; G.pixelnorm_epsilon=1e-4; G_opt.use_loss_scaling = True; D_opt.use_loss_scaling = True; sched.max_minibatch_per_gpu = {512: 16, 1024: 8}
+#desc += '-fp16'; G.dtype = 'float16'; D.dtype = 'float16'; G.pixelnorm_epsilon=1e-4; G_opt.use_loss_scaling = True; D_opt.use_loss_scaling = True; sched.max_minibatch_per_gpu = {512: 16, 1024: 8}    # half precision
 
 # Switches that each turn one of ProGAN's ideas off, to see what it contributes (ablations).
 # -nogrowing: no progressive growing; train at the full patch size from the first step.
-#desc += '-nogrowing'; sched.lod_initial_resolution = 1024; sched.lod_training_kimg = 0; sched.lod_transition_kimg = 0; train.total_kimg = 10000
+#desc += '-nogrowing'; sched.lod_initial_resolution = 1024; sched.lod_training_kimg = 0; sched.lod_transition_kimg = 0; train.total_kimg = 10000    # full size from the start
 #desc += '-nopixelnorm'; G.use_pixelnorm = False    # G's features are not rescaled to unit length per pixel
 #desc += '-nowscale'; G.use_wscale = False; D.use_wscale = False    # plain weight init, no per-layer rate equalising
 #desc += '-noleakyrelu'; G.use_leakyrelu = False    # G uses plain ReLU (zero slope below zero)
@@ -116,23 +116,23 @@ desc += '-fp32'; sched.max_minibatch_per_gpu = {256: 16, 512: 8, 1024: 4}
 
 # Special modes for measuring and debugging, not for real training.
 # BENCHMARK: 3 kimg per phase through every resolution, no snapshots, to time each; BENCHMARK0: 10 kimg at full size.
-#desc += '-BENCHMARK'; sched.lod_initial_resolution = 4; sched.lod_training_kimg = 3; sched.lod_transition_kimg = 3; train.total_kimg = (8*2+1)*3; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1000; train.network_snapshot_ticks = 1000
-#desc += '-BENCHMARK0'; sched.lod_initial_resolution = 1024; train.total_kimg = 10; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1000; train.network_snapshot_ticks = 1000
+#desc += '-BENCHMARK'; sched.lod_initial_resolution = 4; sched.lod_training_kimg = 3; sched.lod_transition_kimg = 3; train.total_kimg = (8*2+1)*3; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1000; train.network_snapshot_ticks = 1000    # time each phase
+#desc += '-BENCHMARK0'; sched.lod_initial_resolution = 1024; train.total_kimg = 10; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1000; train.network_snapshot_ticks = 1000    # time the full size
 # VERBOSE: a tick line and an image grid every kimg; GRAPH, HIST: the graph or weight histograms in TensorBoard.
-#desc += '-VERBOSE'; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1; train.network_snapshot_ticks = 100
-#desc += '-GRAPH'; train.save_tf_graph = True
-#desc += '-HIST'; train.save_weight_histograms = True
+#desc += '-VERBOSE'; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1; train.network_snapshot_ticks = 100    # report every kimg
+#desc += '-GRAPH'; train.save_tf_graph = True    # graph in TensorBoard
+#desc += '-HIST'; train.save_weight_histograms = True    # weight histograms
 
 # ----------------------------------------------------------------------------
 # Utility scripts: uncomment one line and run train.py; its output goes to a new results folder.
 # run_id names the trained run to use: its number (23 = results/023-*), its folder or a .pkl path.
 
 # Generated patches: 1000 single PNGs; then 10 PNG mosaics of 15x8 patches, each shrunk 4x.
-#train = EasyDict(func='util_scripts.generate_fake_images', run_id=23, num_pngs=1000); num_gpus = 1; desc = 'fake-images-' + str(train.run_id)
-#train = EasyDict(func='util_scripts.generate_fake_images', run_id=23, grid_size=[15,8], num_pngs=10, image_shrink=4); num_gpus = 1; desc = 'fake-grids-' + str(train.run_id)
+#train = EasyDict(func='util_scripts.generate_fake_images', run_id=23, num_pngs=1000); num_gpus = 1; desc = 'fake-images-' + str(train.run_id)    # single PNGs
+#train = EasyDict(func='util_scripts.generate_fake_images', run_id=23, grid_size=[15,8], num_pngs=10, image_shrink=4); num_gpus = 1; desc = 'fake-grids-' + str(train.run_id)    # PNG mosaics
 # Videos: a 60-s smooth walk through G's latent space; the run's progress from its fakes*.png.
-#train = EasyDict(func='util_scripts.generate_interpolation_video', run_id=23, grid_size=[1,1], duration_sec=60.0, smoothing_sec=1.0); num_gpus = 1; desc = 'interpolation-video-' + str(train.run_id)
-#train = EasyDict(func='util_scripts.generate_training_video', run_id=23, duration_sec=20.0); num_gpus = 1; desc = 'training-video-' + str(train.run_id)
+#train = EasyDict(func='util_scripts.generate_interpolation_video', run_id=23, grid_size=[1,1], duration_sec=60.0, smoothing_sec=1.0); num_gpus = 1; desc = 'interpolation-video-' + str(train.run_id)    # latent walk MP4
+#train = EasyDict(func='util_scripts.generate_training_video', run_id=23, duration_sec=20.0); num_gpus = 1; desc = 'training-video-' + str(train.run_id)    # progress MP4
 
 # Image-quality metrics for every snapshot of a run against real patches of its dataset; one row per
 # snapshot in the named log. real_passes=2 also scores reals against reals, the floor to compare with.
