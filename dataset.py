@@ -94,7 +94,7 @@ def check_max_label_size(max_label_size):
 
 
 def _image_features():
-    return dict(shape=tf.FixedLenFeature([3], tf.int64), data=tf.FixedLenFeature([], tf.string))
+    return {'shape': tf.FixedLenFeature([3], tf.int64), 'data': tf.FixedLenFeature([], tf.string)}
 
 
 def parse_tfrecord_tf(record):
