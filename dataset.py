@@ -1,7 +1,9 @@
-"""Datasets with one interface: `shape` [C,H,W], `resolution_log2`, `dynamic_range`,
-`label_size`, `label_dtype`, `configure(minibatch_size, lod)`, `get_minibatch_tf()` /
-`get_minibatch_np(minibatch_size, lod)` yielding NCHW uint8 images of the current LOD with their
-labels, and `get_random_labels_tf/np(minibatch_size)`."""
+"""The datasets training reads from. Each yields NCHW uint8 minibatches at the current level of
+detail (LOD k: images 2**k times smaller per side than `shape`) together with their labels, and
+shares the interface of `Dataset`, which train.py, loss.py and util_scripts.py rely on.
+
+Op creation order matters here: with a graph-level seed, TF derives each random op's seed from
+the number of ops made before it, so the datasets build their ops in a fixed order."""
 
 import glob
 import os
@@ -12,251 +14,317 @@ import augment
 import tfutil
 from tf_compat import tf
 
+INPUT_DEVICE = '/cpu:0'           # input pipelines stay on the host, whichever devices train
+MAX_READ_AHEAD_MINIBATCHES = 8    # enough to keep every reader busy; more is work thrown away at a LOD change
+
+
+class Dataset:
+    """What every dataset offers, with the behaviour most datasets share as the default.
+
+    A subclass sets `shape` [C,H,W], `resolution`, `resolution_log2`, `dtype`, `dynamic_range`,
+    `label_size` and `label_dtype`, provides `get_minibatch_tf()`, and reacts to a new minibatch
+    size or LOD in `_apply_setting`. The defaults: no labels beyond zeros, no augmentation, no
+    overview pictures, nothing to release on `close()`."""
+
+    _setting = None             # (minibatch size, integer LOD) applied by the last configure().
+    _np_minibatch = None        # The tensors get_minibatch_np runs; made on first use.
+
+    @property
+    def max_lod(self):
+        """The coarsest LOD the dataset can serve."""
+        return self.resolution_log2
+
+    def configure(self, minibatch_size, lod=0):
+        """Serve minibatches of minibatch_size images at LOD floor(lod) from now on."""
+        setting = (int(minibatch_size), int(np.floor(lod)))
+        self._check_setting(*setting)
+        if setting != self._setting:
+            self._apply_setting(*setting)
+            self._setting = setting
+
+    def _check_setting(self, minibatch_size, lod):
+        if minibatch_size < 1:
+            raise ValueError('A minibatch needs at least one image; got a minibatch size of %d' % minibatch_size)
+        if not 0 <= lod <= self.max_lod:
+            raise ValueError('%s serves LODs 0..%d (images of %d down to %d pixels); LOD %d is outside that' % (
+                type(self).__name__, self.max_lod, self.resolution, self.resolution >> self.max_lod, lod))
+
+    def _apply_setting(self, minibatch_size, lod):
+        """Make get_minibatch_tf's tensors deliver this setting; nothing to do by default."""
+
+    def get_minibatch_tf(self):
+        raise NotImplementedError('%s must say how its minibatches reach the graph' % type(self).__name__)
+
+    def get_minibatch_np(self, minibatch_size, lod=0):
+        """The next minibatch (images, labels) as numpy arrays, by running get_minibatch_tf's tensors."""
+        self.configure(minibatch_size, lod)
+        if self._np_minibatch is None:
+            self._np_minibatch = self.get_minibatch_tf()    # Once: each call would add ops to the graph.
+        return tfutil.run(self._np_minibatch)
+
+    def get_random_labels_tf(self, minibatch_size):
+        """Labels to condition fakes on; all zeros unless the dataset has real ones."""
+        return tf.zeros([minibatch_size, self.label_size], self.label_dtype)
+
+    def get_random_labels_np(self, minibatch_size):
+        return np.zeros([minibatch_size, self.label_size], self.label_dtype)
+
+    def augment_minibatch_tf(self, images):
+        """Training-time augmentation of a minibatch of reals; by default none, and no ops."""
+        return images
+
+    def write_overview(self, result_subdir):
+        """Pictures of where the data comes from, into the run directory; by default none."""
+
+    def close(self):
+        """Release readers and files; by default there are none (tf.data's end with the graph)."""
+
+
+def check_max_label_size(max_label_size):
+    is_count = isinstance(max_label_size, (int, np.integer)) and not isinstance(max_label_size, bool)
+    if max_label_size != 'full' and not (is_count and max_label_size >= 0):
+        raise ValueError("dataset.max_label_size must be 0 (no labels), 'full' (every label component) or a "
+                         "positive number of leading label components to keep, not %r" % (max_label_size,))
+
+
 # ----------------------------------------------------------------------------
-# TFRecords in the original multi-LOD layout: <name>-r02.tfrecords ... <name>-rNN.tfrecords, one
-# file per log2 resolution, each record a tf.train.Example with 'shape' [C,H,W] and 'data' bytes.
+# TFRecords as the original ProGAN wrote them: one file per resolution, <name>-r02.tfrecords
+# (4x4) up to <name>-rNN.tfrecords, all holding the same images in the same order, each record
+# a tf.train.Example with the image's 'shape' [C,H,W] and its raw uint8 pixels as 'data'.
+
+
+def _image_features():
+    return {'shape': tf.FixedLenFeature([3], tf.int64), 'data': tf.FixedLenFeature([], tf.string)}
 
 
 def parse_tfrecord_tf(record):
-    features = tf.parse_single_example(record, features={
-        'shape': tf.FixedLenFeature([3], tf.int64),
-        'data': tf.FixedLenFeature([], tf.string)})
-    data = tf.decode_raw(features['data'], tf.uint8)
-    return tf.reshape(data, features['shape'])
+    """A serialized example -> its uint8 [C,H,W] image tensor."""
+    fields = tf.parse_single_example(record, features=_image_features())
+    pixels = tf.decode_raw(fields['data'], tf.uint8)
+    return tf.reshape(pixels, fields['shape'])
 
 
 def parse_tfrecord_np(record):
-    example = tf.train.Example()
-    example.ParseFromString(record)
-    shape = example.features.feature['shape'].int64_list.value
-    data = example.features.feature['data'].bytes_list.value[0]
-    return np.frombuffer(data, np.uint8).reshape(shape)
+    """A serialized example -> its uint8 [C,H,W] image array."""
+    fields = tf.train.Example.FromString(record).features.feature
+    pixels = np.frombuffer(fields['data'].bytes_list.value[0], np.uint8)
+    return pixels.reshape(fields['shape'].int64_list.value)
 
 
-class GraphDataset:
-    """A dataset whose minibatches come from its TF graph: numpy minibatches run that graph."""
-    _tf_minibatch_np = None
-
-    def get_minibatch_np(self, minibatch_size, lod=0):
-        self.configure(minibatch_size, lod)
-        if self._tf_minibatch_np is None:
-            self._tf_minibatch_np = self.get_minibatch_tf()
-        return tfutil.run(self._tf_minibatch_np)
-
-    def close(self):
-        """Nothing to release: tf.data owns the readers and ends with the graph."""
+def _items_in(megabytes, item_bytes):
+    """How many items of item_bytes fill the given megabytes, rounded up."""
+    return -(-(megabytes << 20) // item_bytes)
 
 
-class TFRecordDataset(GraphDataset):
+NO_LABELS_ROWS = 1 << 20    # Rows of the 0-wide label array zipped with unlabelled images.
+
+
+class TFRecordDataset(Dataset):
     def __init__(self,
-                 tfrecord_dir,          # Directory containing a collection of tfrecords files.
-                 resolution=None,       # Dataset resolution, None = autodetect.
-                 label_file=None,       # Relative path of the labels file, None = autodetect.
-                 max_label_size=0,      # 0 = no labels, 'full' = full labels, <int> = N first label components.
-                 repeat=True,           # Repeat dataset indefinitely.
-                 shuffle_mb=4096,       # Shuffle data within specified window (megabytes), 0 = disable shuffling.
-                 prefetch_mb=2048,      # Amount of data to prefetch (megabytes), 0 = disable prefetching.
-                 buffer_mb=256,         # Read buffer size (megabytes).
-                 num_threads=2):        # Number of concurrent threads.
+                 tfrecord_dir,          # Folder of the dataset's *.tfrecords files.
+                 resolution=None,       # Full-resolution size; None takes the largest file's.
+                 label_file=None,       # Numpy labels, a row per image; None uses the folder's *.labels, if any.
+                 max_label_size=0,      # Label components to use: 0 none, 'full' all, N the first N.
+                 repeat=True,           # Start over at the end of the records?
+                 shuffle_mb=4096,       # Megabytes of images shuffled together; 0 keeps the file order.
+                 prefetch_mb=2048,      # Megabytes of images read ahead of training; 0 reads on demand.
+                 buffer_mb=256,         # Megabytes of each file's read buffer.
+                 num_threads=2):        # Threads decoding records.
+        check_max_label_size(max_label_size)
         self.tfrecord_dir = tfrecord_dir
         self.dtype = 'uint8'
         self.dynamic_range = [0, 255]
-        self._cur_minibatch = -1
-        self._cur_lod = -1
-
-        tfr_files, tfr_shapes = self._inspect_files()
+        files = self._list_files(tfrecord_dir)
+        file_shapes = [self._first_image_shape(path) for path in files]
         self.label_file = self._find_label_file(label_file)
-        max_shape = max(tfr_shapes, key=np.prod)
-        self.resolution = resolution if resolution is not None else max_shape[1]
+        largest = max(file_shapes, key=np.prod)
+        self.resolution = largest[1] if resolution is None else resolution
         self.resolution_log2 = int(np.log2(self.resolution))
-        self.shape = [max_shape[0], self.resolution, self.resolution]
-        tfr_lods = [self.resolution_log2 - int(np.log2(shape[1])) for shape in tfr_shapes]
-        self._check_shapes(tfr_shapes, tfr_lods)
-        self._np_labels = self._load_labels(max_label_size)
-        self.label_size = self._np_labels.shape[1]
-        self.label_dtype = self._np_labels.dtype.name
+        self.shape = [largest[0], self.resolution, self.resolution]
+        file_lods = [self.resolution_log2 - int(np.log2(shape[1])) for shape in file_shapes]
+        self._check_shapes(file_shapes, file_lods)
+        self._labels = self._load_labels(max_label_size, files[int(np.argmin([np.prod(s) for s in file_shapes]))])
+        self.label_size = self._labels.shape[1]
+        self.label_dtype = self._labels.dtype.name
+        self._build_streams(files, file_shapes, file_lods, repeat, shuffle_mb, prefetch_mb, buffer_mb, num_threads)
 
-        with tf.name_scope('Dataset'), tf.device('/cpu:0'):
-            self._tf_minibatch_in = tf.placeholder(tf.int64, name='minibatch_in', shape=[])
-            self._tf_labels_var = tf.Variable(tf.zeros(self._np_labels.shape, self._np_labels.dtype), name='labels_var')
-            tfutil.set_vars({self._tf_labels_var: self._np_labels})
-            labels_dataset = tf.data.Dataset.from_tensor_slices(self._tf_labels_var)
-            self._tf_datasets = {}
-            for tfr_file, tfr_shape, tfr_lod in zip(tfr_files, tfr_shapes, tfr_lods):
-                if tfr_lod < 0:
-                    continue
-                dset = tf.data.TFRecordDataset(tfr_file, compression_type='', buffer_size=buffer_mb << 20)
-                dset = dset.map(parse_tfrecord_tf, num_parallel_calls=num_threads)
-                dset = tf.data.Dataset.zip((dset, labels_dataset))
-                bytes_per_item = int(np.prod(tfr_shape)) * np.dtype(self.dtype).itemsize
-                if shuffle_mb > 0:
-                    dset = dset.shuffle(((shuffle_mb << 20) - 1) // bytes_per_item + 1)
-                if repeat:
-                    dset = dset.repeat()
-                if prefetch_mb > 0:
-                    dset = dset.prefetch(((prefetch_mb << 20) - 1) // bytes_per_item + 1)
-                self._tf_datasets[tfr_lod] = dset.batch(self._tf_minibatch_in)
-            first = self._tf_datasets[0]
-            self._tf_iterator = tf.data.Iterator.from_structure(
-                tf.data.get_output_types(first), tf.data.get_output_shapes(first))
-            self._tf_init_ops = {lod: self._tf_iterator.make_initializer(dset) for lod, dset in self._tf_datasets.items()}
+    @staticmethod
+    def _list_files(folder):
+        if not os.path.isdir(folder):
+            raise IOError('TFRecord dataset folder "%s" does not exist' % folder)
+        files = sorted(glob.glob(os.path.join(folder, '*.tfrecords')))
+        if not files:
+            raise IOError('No *.tfrecords files in "%s"' % folder)
+        return files
 
-    def _inspect_files(self):
-        if not os.path.isdir(self.tfrecord_dir):
-            raise IOError('TFRecord dataset folder "%s" does not exist' % self.tfrecord_dir)
-        tfr_files = sorted(glob.glob(os.path.join(self.tfrecord_dir, '*.tfrecords')))
-        if not tfr_files:
-            raise IOError('No *.tfrecords files in "%s"' % self.tfrecord_dir)
-        tfr_shapes = []
-        for tfr_file in tfr_files:
-            record = next(iter(tf.python_io.tf_record_iterator(tfr_file)), None)
-            if record is None:
-                raise IOError('TFRecord file "%s" is empty' % tfr_file)
-            tfr_shapes.append(parse_tfrecord_np(record).shape)
-        return tfr_files, tfr_shapes
+    @staticmethod
+    def _first_image_shape(path):
+        first = next(iter(tf.python_io.tf_record_iterator(path)), None)
+        if first is None:
+            raise IOError('TFRecord file "%s" is empty' % path)
+        return parse_tfrecord_np(first).shape
 
     def _find_label_file(self, label_file):
+        """The label file to use: a given path as is, or else relative to the dataset folder;
+        without one, the first *.labels in the folder (or none)."""
         if label_file is None:
-            guess = sorted(glob.glob(os.path.join(self.tfrecord_dir, '*.labels')))
-            return guess[0] if guess else None
-        if not os.path.isfile(label_file) and os.path.isfile(os.path.join(self.tfrecord_dir, label_file)):
-            return os.path.join(self.tfrecord_dir, label_file)
-        return label_file
+            found = sorted(glob.glob(os.path.join(self.tfrecord_dir, '*.labels')))
+            return found[0] if found else None
+        in_folder = os.path.join(self.tfrecord_dir, label_file)
+        return in_folder if not os.path.isfile(label_file) and os.path.isfile(in_folder) else label_file
 
-    def _check_shapes(self, tfr_shapes, tfr_lods):
+    def _check_shapes(self, file_shapes, file_lods):
         problems = []
-        if not all(shape[0] == self.shape[0] for shape in tfr_shapes):
+        if any(shape[0] != self.shape[0] for shape in file_shapes):
             problems.append('channel counts differ between files')
-        if not all(shape[1] == shape[2] for shape in tfr_shapes):
+        if any(shape[1] != shape[2] for shape in file_shapes):
             problems.append('images are not square')
-        if not all(shape[1] == self.resolution // (2 ** lod) for shape, lod in zip(tfr_shapes, tfr_lods)):
+        if any(shape[1] != self.resolution // 2 ** lod for shape, lod in zip(file_shapes, file_lods)):
             problems.append('resolutions are not powers of two of each other')
-        missing = [lod for lod in range(self.resolution_log2 - 1) if lod not in tfr_lods]
+        missing = sorted(set(range(self.resolution_log2 - 1)) - set(file_lods))
         if missing:
             problems.append('no file for LODs %s' % missing)
         if problems:
             raise ValueError('TFRecord dataset "%s": %s' % (self.tfrecord_dir, '; '.join(problems)))
 
-    def _load_labels(self, max_label_size):
-        assert max_label_size == 'full' or max_label_size >= 0
-        labels = np.zeros([1 << 20, 0], dtype=np.float32)
-        if self.label_file is not None and max_label_size != 0:
-            labels = np.load(self.label_file)
-            if labels.ndim != 2:
-                raise ValueError('Label file "%s" must hold a 2-D array' % self.label_file)
-        if max_label_size != 'full' and labels.shape[1] > max_label_size:
-            labels = labels[:, :max_label_size]
-        return labels
+    def _load_labels(self, max_label_size, smallest_file):
+        """[images, label components] array; 0 components when labels are off or missing."""
+        if self.label_file is None or max_label_size == 0:
+            return np.zeros([NO_LABELS_ROWS, 0], np.float32)
+        labels = np.load(self.label_file)
+        if labels.ndim != 2:
+            raise ValueError('Label file "%s" must hold a 2-D array [images, label components], not shape %s'
+                             % (self.label_file, list(labels.shape)))
+        # Every file holds every image; the 4x4 one is the quickest to count.
+        num_images = sum(1 for _ in tf.python_io.tf_record_iterator(smallest_file))
+        if len(labels) != num_images:
+            raise ValueError('Label file "%s" has %d rows but the dataset in "%s" has %d images; write the labels '
+                             'again with the images (dataset_tool.py), or set dataset.max_label_size = 0 to train '
+                             'without them' % (self.label_file, len(labels), self.tfrecord_dir, num_images))
+        return labels if max_label_size == 'full' else labels[:, :max_label_size]
 
-    def configure(self, minibatch_size, lod=0):
-        """Use minibatches of this size from the tfrecords of floor(lod)."""
-        lod = int(np.floor(lod))
-        assert minibatch_size >= 1 and lod in self._tf_datasets
-        if self._cur_minibatch != minibatch_size or self._cur_lod != lod:
-            self._tf_init_ops[lod].run({self._tf_minibatch_in: minibatch_size})
-            self._cur_minibatch = minibatch_size
-            self._cur_lod = lod
+    def _build_streams(self, files, file_shapes, file_lods, *stream_options):
+        """One minibatch stream per LOD, all of them pairing images with the labels of a shared
+        variable, and one iterator the current LOD's stream is switched into."""
+        with tf.name_scope('Dataset'), tf.device(INPUT_DEVICE):
+            self._minibatch_size_in = tf.placeholder(tf.int64, name='minibatch_in', shape=[])
+            self._labels_var = tf.Variable(tf.zeros(self._labels.shape, self._labels.dtype),
+                                              name='labels_var')
+            tfutil.set_vars({self._labels_var: self._labels})
+            label_rows = tf.data.Dataset.from_tensor_slices(self._labels_var)
+            self._streams = {}
+            for path, shape, lod in zip(files, file_shapes, file_lods):
+                if lod >= 0:    # Files larger than the chosen resolution are not used.
+                    self._streams[lod] = self._minibatch_stream(path, shape, label_rows, *stream_options)
+            full_size = self._streams[0]
+            self._iterator = tf.data.Iterator.from_structure(
+                tf.data.get_output_types(full_size), tf.data.get_output_shapes(full_size))
+            self._switch_ops = {lod: self._iterator.make_initializer(stream)
+                                 for lod, stream in self._streams.items()}
+
+    def _minibatch_stream(self, path, shape, label_rows, repeat, shuffle_mb, prefetch_mb, buffer_mb, num_threads):
+        records = tf.data.TFRecordDataset(path, compression_type='', buffer_size=buffer_mb << 20)
+        images = records.map(parse_tfrecord_tf, num_parallel_calls=num_threads)
+        stream = tf.data.Dataset.zip((images, label_rows))
+        image_bytes = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
+        if shuffle_mb > 0:
+            stream = stream.shuffle(_items_in(shuffle_mb, image_bytes))
+        if repeat:
+            stream = stream.repeat()
+        if prefetch_mb > 0:
+            stream = stream.prefetch(_items_in(prefetch_mb, image_bytes))
+        return stream.batch(self._minibatch_size_in)
+
+    @property
+    def max_lod(self):
+        return max(self._streams)
+
+    def _apply_setting(self, minibatch_size, lod):
+        # Restarts the iterator on the LOD's stream: what it read ahead for the old setting is dropped.
+        self._switch_ops[lod].run({self._minibatch_size_in: minibatch_size})
 
     def get_minibatch_tf(self):
-        return self._tf_iterator.get_next()
+        return self._iterator.get_next()
 
     def get_random_labels_tf(self, minibatch_size):
-        if self.label_size > 0:
-            indices = tf.random_uniform([minibatch_size], 0, self._np_labels.shape[0], dtype=tf.int32)
-            return tf.gather(self._tf_labels_var, indices)
-        return tf.zeros([minibatch_size, 0], self.label_dtype)
+        if self.label_size == 0:
+            return super().get_random_labels_tf(minibatch_size)
+        rows = tf.random_uniform([minibatch_size], 0, len(self._labels), dtype=tf.int32)
+        return tf.gather(self._labels_var, rows)
 
     def get_random_labels_np(self, minibatch_size):
-        if self.label_size > 0:
-            return self._np_labels[np.random.randint(self._np_labels.shape[0], size=[minibatch_size])]
-        return np.zeros([minibatch_size, 0], self.label_dtype)
+        if self.label_size == 0:
+            return super().get_random_labels_np(minibatch_size)
+        return self._labels[np.random.randint(len(self._labels), size=[minibatch_size])]
 
 
 # ----------------------------------------------------------------------------
-# Synthetic data: constant images, for measuring the training loop without data costs.
+# Synthetic data: all-zero images, for timing the training loop without any data cost.
 
 
-class SyntheticDataset(GraphDataset):
+class SyntheticDataset(Dataset):
     def __init__(self, resolution=1024, num_channels=3, dtype='uint8', dynamic_range=[0, 255],
                  label_size=0, label_dtype='float32'):
         self.resolution = resolution
         self.resolution_log2 = int(np.log2(resolution))
+        if resolution != 2 ** self.resolution_log2:
+            raise ValueError('SyntheticDataset resolution must be a power of two, not %r' % (resolution,))
         self.shape = [num_channels, resolution, resolution]
         self.dtype = dtype
         self.dynamic_range = dynamic_range
         self.label_size = label_size
         self.label_dtype = label_dtype
-        self._tf_minibatch_var = None
-        self._tf_lod_var = None
-        self._tf_labels_np = None
-        assert self.resolution == 2 ** self.resolution_log2
-        with tf.name_scope('Dataset'), tf.device('/cpu:0'):
-            self._tf_minibatch_var = tf.Variable(np.int32(0), name='minibatch_var')
-            self._tf_lod_var = tf.Variable(np.int32(0), name='lod_var')
-        tfutil.init_uninited_vars([self._tf_minibatch_var, self._tf_lod_var])
+        # The setting lives in variables, so that one graph serves every minibatch size and LOD.
+        with tf.name_scope('Dataset'), tf.device(INPUT_DEVICE):
+            self._minibatch_size_var = tf.Variable(np.int32(0), name='minibatch_var')
+            self._lod_var = tf.Variable(np.int32(0), name='lod_var')
+        tfutil.init_uninited_vars([self._minibatch_size_var, self._lod_var])
 
-    def configure(self, minibatch_size, lod=0):
-        lod = int(np.floor(lod))
-        assert minibatch_size >= 1 and 0 <= lod <= self.resolution_log2
-        tfutil.set_vars({self._tf_minibatch_var: minibatch_size, self._tf_lod_var: lod})
+    def _apply_setting(self, minibatch_size, lod):
+        tfutil.set_vars({self._minibatch_size_var: minibatch_size, self._lod_var: lod})
 
     def get_minibatch_tf(self):
         with tf.name_scope('SyntheticDataset'):
-            shrink = tf.cast(2.0 ** tf.cast(self._tf_lod_var, tf.float32), tf.int32)
-            shape = [self.shape[0], self.shape[1] // shrink, self.shape[2] // shrink]
-            return self._generate_images(self._tf_minibatch_var, shape), self._generate_labels(self._tf_minibatch_var)
-
-    def get_random_labels_tf(self, minibatch_size):
-        with tf.name_scope('SyntheticDataset'):
-            return self._generate_labels(minibatch_size)
-
-    def get_random_labels_np(self, minibatch_size):
-        self.configure(minibatch_size)
-        if self._tf_labels_np is None:
-            self._tf_labels_np = self.get_random_labels_tf(self._tf_minibatch_var)
-        return tfutil.run(self._tf_labels_np)
-
-    def _generate_images(self, minibatch, shape):
-        return tf.zeros([minibatch] + shape, self.dtype)
-
-    def _generate_labels(self, minibatch):
-        return tf.zeros([minibatch, self.label_size], self.label_dtype)
+            side_divisor = tf.cast(tf.pow(2.0, tf.cast(self._lod_var, tf.float32)), tf.int32)
+            image_shape = [self.shape[0]] + [side // side_divisor for side in self.shape[1:]]
+            images = tf.zeros([self._minibatch_size_var] + image_shape, self.dtype)
+            labels = tf.zeros([self._minibatch_size_var, self.label_size], self.label_dtype)
+            return images, labels
 
 
 # ----------------------------------------------------------------------------
 # Whole-slide images: random tissue patches streamed from a folder of slides (wsi.PatchSampler).
 
 
-MAX_READ_AHEAD_MINIBATCHES = 8    # enough to keep every reader busy; more is work thrown away at a LOD change
-
-
-class WSIDataset:
+class WSIDataset(Dataset):
     def __init__(self,
-                 tfrecord_dir,              # Folder of slides (named so for config compatibility).
-                 wsi_ext='.svs',            # Slide extension, or a list of them.
-                 resolution=512,            # Patch size at LOD 0.
-                 downsample=4,              # Level-0 pixels per patch pixel at LOD 0.
-                 label_file=None,           # CSV of (slide file name, class); relative to the folder if not found.
-                 max_label_size=0,          # 0 = no labels, 'full' = all classes, <int> = first N classes.
-                 repeat=True,               # Kept for config compatibility: patches are drawn endlessly.
-                 shuffle_mb=0,              # Kept for config compatibility: patches are random already.
-                 prefetch_mb=64,            # Patches read ahead of training, in megabytes (at most 8 minibatches).
-                 buffer_mb=0,               # Kept for config compatibility.
-                 num_threads=None,          # Reader threads; None = one per core.
-                 recursive=False,           # Also look for slides in subfolders?
-                 mask_cache_dir=None,       # Where tissue masks are cached; None = the user cache dir.
-                 augment=0.0,               # Probability of colour + warp augmentation per patch (in the graph).
-                 rotate90=False,            # Random 90-degree rotations?
-                 min_tissue_fraction=0.01,  # Slides with less tissue are left out.
-                 weight_by_tissue=False,    # Choose slides by tissue area rather than uniformly?
-                 create_demo=False,         # Write the demo slides into the folder if it has none.
+                 tfrecord_dir,              # The folder of slides (the name config.py has always used).
+                 wsi_ext='.svs',            # File extension of the slides, or a list of extensions.
+                 resolution=512,            # Patch side in pixels at LOD 0.
+                 downsample=4,              # Slide pixels (at full magnification) per patch pixel at LOD 0.
+                 label_file=None,           # CSV of slide file name and class, also looked for in the folder.
+                 max_label_size=0,          # Classes to use: 0 none, 'full' all, N the first N.
+                 repeat=True,               # Unused: patches are drawn without end (accepted for old configs).
+                 shuffle_mb=0,              # Unused: patches come in random order anyway.
+                 prefetch_mb=64,            # Megabytes of patches read ahead of training (at most 8 minibatches).
+                 buffer_mb=0,               # Unused (accepted for old configs).
+                 num_threads=None,          # Threads reading patches; None = as many as cores.
+                 recursive=False,           # Search subfolders for slides too?
+                 mask_cache_dir=None,       # Folder caching tissue masks; None = the user cache.
+                 augment=0.0,               # Chance per patch of colour and warp augmentation (done in the graph).
+                 rotate90=False,            # Rotate patches by random multiples of 90 degrees?
+                 min_tissue_fraction=0.01,  # Slides with less tissue than this are skipped.
+                 weight_by_tissue=False,    # Pick slides in proportion to their tissue area, not equally often?
+                 create_demo=False,         # Put the demo slides into the folder when it holds no slides.
                  seed=None):
         import wsi
+        check_max_label_size(max_label_size)
         if create_demo and not (os.path.isdir(tfrecord_dir) and wsi.find_slides(tfrecord_dir, wsi_ext)):
             print('Creating demo slides in "%s"...' % tfrecord_dir)
             wsi.create_demo_slides(tfrecord_dir)
-        if label_file is not None and not os.path.isfile(label_file) and os.path.isfile(os.path.join(tfrecord_dir, label_file)):
-            label_file = os.path.join(tfrecord_dir, label_file)
+        if label_file is not None and not os.path.isfile(label_file):
+            in_folder = os.path.join(tfrecord_dir, label_file)
+            label_file = in_folder if os.path.isfile(in_folder) else label_file
         self.sampler = wsi.PatchSampler(
             tfrecord_dir, wsi_ext=wsi_ext, resolution=resolution, downsample=downsample, label_file=label_file,
             max_label_size=max_label_size, recursive=recursive, mask_cache_dir=mask_cache_dir, rotate90=rotate90,
@@ -273,18 +341,20 @@ class WSIDataset:
         self.augment = float(augment)
         self._prefetch_mb = prefetch_mb
         self._feed = None               # The sampler's read-ahead generator for the current setting.
-        self._cur_setting = None        # (minibatch_size, lod) of the feed.
 
-    def configure(self, minibatch_size, lod=0):
-        """Read minibatches of this size at floor(lod) from now on."""
-        setting = (int(minibatch_size), int(np.floor(lod)))
-        if setting != self._cur_setting:
-            if self._feed is not None:
-                self._feed.close()      # Stops its reader; nothing stale reaches training.
-            minibatch_bytes = setting[0] * int(np.prod(self.shape)) >> (2 * setting[1])
-            depth = int(np.clip((self._prefetch_mb << 20) // max(minibatch_bytes, 1), 2, MAX_READ_AHEAD_MINIBATCHES))
-            self._feed = self.sampler.batches(setting[1], setting[0], prefetch=depth)
-            self._cur_setting = setting
+    @property
+    def max_lod(self):
+        return self.sampler.max_lod
+
+    def _apply_setting(self, minibatch_size, lod):
+        if self._feed is not None:
+            self._feed.close()          # Its reader stops, so nothing of the old setting reaches training.
+        self._feed = self.sampler.batches(lod, minibatch_size, prefetch=self._read_ahead(minibatch_size, lod))
+
+    def _read_ahead(self, minibatch_size, lod):
+        """Minibatches to read ahead: prefetch_mb worth, within 2..MAX_READ_AHEAD_MINIBATCHES."""
+        minibatch_bytes = max(minibatch_size * int(np.prod(self.shape)) >> (2 * lod), 1)
+        return int(np.clip((self._prefetch_mb << 20) // minibatch_bytes, 2, MAX_READ_AHEAD_MINIBATCHES))
 
     def _next_minibatch(self):
         images, classes = next(self._feed)
@@ -293,31 +363,31 @@ class WSIDataset:
     def get_minibatch_tf(self):
         """Tensors that take the next minibatch of the current setting each time they are run.
 
-        A numpy_function only pops the reader's queue (reading happens in the sampler's threads,
-        without the GIL), and reading ahead stays in that one queue, so a new LOD or minibatch
-        size takes effect at the next run."""
-        with tf.name_scope('WSIDataset'), tf.device('/cpu:0'):
+        The numpy_function only pops the sampler's read-ahead queue (its threads do the reading,
+        without the GIL), and that queue is the only read-ahead, so a new LOD or minibatch size
+        takes effect at the very next run."""
+        with tf.name_scope('WSIDataset'), tf.device(INPUT_DEVICE):
             images, labels = tf.numpy_function(self._next_minibatch, [], [tf.uint8, tf.float32], stateful=True)
-            images.set_shape([None] + self.shape[:1] + [None, None])
+            images.set_shape([None, self.shape[0], None, None])
             labels.set_shape([None, self.label_size])
             return images, labels
 
     def augment_minibatch_tf(self, images):
-        """Training-time colour + warp augmentation of a minibatch (float32 out), built where the
-        caller places it: train.py puts it on each GPU. Minibatches taken otherwise (snapshot
-        grids, metrics) stay unaugmented."""
+        """Colour and warp augmentation (float32 out) where the caller builds it: train.py does so on
+        each GPU. Minibatches taken otherwise (snapshot grids, metrics) stay as read."""
         return augment.augment_minibatch(images, self.augment, self.dynamic_range) if self.augment > 0 else images
 
     def get_minibatch_np(self, minibatch_size, lod=0):
+        # Straight from the sampler, leaving the training feed and its read-ahead alone.
         images, classes = self.sampler.sample(int(np.floor(lod)), minibatch_size)
         return images, self.sampler.labels_onehot(classes)
 
     def get_random_labels_tf(self, minibatch_size):
         if self.label_size == 0:
-            return tf.zeros([minibatch_size, 0], self.label_dtype)
-        with tf.name_scope('WSIDataset'), tf.device('/cpu:0'):
-            labels = tf.numpy_function(lambda n: self.sampler.random_labels(int(n)), [minibatch_size], tf.float32,
-                                       stateful=True)
+            return super().get_random_labels_tf(minibatch_size)
+        with tf.name_scope('WSIDataset'), tf.device(INPUT_DEVICE):
+            labels = tf.numpy_function(lambda count: self.sampler.random_labels(int(count)), [minibatch_size],
+                                       tf.float32, stateful=True)
             labels.set_shape([None, self.label_size])
             return labels
 
@@ -337,16 +407,24 @@ class WSIDataset:
 # ----------------------------------------------------------------------------
 
 
+def _dataset_class(class_name):
+    try:
+        return tfutil.import_obj(class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError('Unknown dataset class %r (%s): set dataset.class_name to dataset.WSIDataset, '
+                         'dataset.TFRecordDataset, dataset.SyntheticDataset or a "module.Class" of your own'
+                         % (class_name, error)) from error
+
+
 def load_dataset(class_name='dataset.TFRecordDataset', data_dir=None, verbose=False, **kwargs):
-    """A dataset by class name; `tfrecord_dir` is taken relative to data_dir."""
-    adjusted_kwargs = dict(kwargs)
-    if 'tfrecord_dir' in adjusted_kwargs and data_dir is not None:
-        adjusted_kwargs['tfrecord_dir'] = os.path.join(data_dir, adjusted_kwargs['tfrecord_dir'])
+    """The dataset class_name names, made from kwargs; a tfrecord_dir is taken relative to data_dir."""
+    if data_dir is not None and 'tfrecord_dir' in kwargs:
+        kwargs['tfrecord_dir'] = os.path.join(data_dir, kwargs['tfrecord_dir'])
     if verbose:
         print('Streaming data using %s...' % class_name)
-    dataset = tfutil.import_obj(class_name)(**adjusted_kwargs)
+    dataset = _dataset_class(class_name)(**kwargs)
     if verbose:
-        print('Dataset shape =', np.int32(dataset.shape).tolist())
-        print('Dynamic range =', dataset.dynamic_range)
-        print('Label size    =', dataset.label_size)
+        for name, value in [('Dataset shape', np.int32(dataset.shape).tolist()),
+                            ('Dynamic range', dataset.dynamic_range), ('Label size', dataset.label_size)]:
+            print('%-14s=' % name, value)
     return dataset

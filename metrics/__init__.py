@@ -20,6 +20,15 @@ DOWNLOAD_TIMEOUT_SEC = 30
 _download_error = None  # Set after a failed download, so a process tries the network only once.
 
 
+MODES = ('warmup', 'reals', 'fakes')
+
+
+def check_mode(mode):
+    """The modes every metric's begin/feed/end know; another is a caller's mistake."""
+    if mode not in MODES:
+        raise ValueError('Metric mode must be one of %s, not %r' % (', '.join(MODES), mode))
+
+
 class InceptionGraphMissing(FileNotFoundError):
     pass
 

@@ -16,9 +16,8 @@ class InceptionNet:
         self.max_batch = max_batch  # Inception activations of large batches need many GB.
         self.graph = tf.Graph()
         with self.graph.as_default():
-            graph_def = tf.GraphDef()
             with open(metrics.find_inception_graph(), 'rb') as f:
-                graph_def.ParseFromString(f.read())
+                graph_def = tf.GraphDef.FromString(f.read())
             # The graph's own input is one JPEG; a batched placeholder replaces the output
             # of its `ExpandDims` (a graph's input shape cannot be patched after import).
             self.images = tf.placeholder(tf.float32, [None, image_shape[1], image_shape[2], 3])
@@ -74,7 +73,7 @@ class API:
         return ['%-10.4f']
 
     def begin(self, mode):
-        assert mode in ['warmup', 'reals', 'fakes']
+        metrics.check_mode(mode)
         self.activations = []
 
     def feed(self, mode, minibatch):

@@ -3,6 +3,7 @@ the reference openai/improved-gan code: 10 splits, mean and standard deviation."
 import numpy as np
 import scipy.special
 
+import metrics
 from metrics.frechet_inception_distance import InceptionNet
 
 
@@ -30,7 +31,7 @@ class API:
         return ['%-10.4f', '%-10.4f']
 
     def begin(self, mode):
-        assert mode in ['warmup', 'reals', 'fakes']
+        metrics.check_mode(mode)
         self.probs = []
 
     def feed(self, mode, minibatch):

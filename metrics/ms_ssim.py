@@ -10,6 +10,7 @@ therefore comparable with each other but not with 5-scale values.
 """
 import numpy as np
 
+import metrics
 from tf_compat import tf
 
 STANDARD_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al., finest first.
@@ -60,7 +61,7 @@ class API:
         return ['%-10.4f']
 
     def begin(self, mode):
-        assert mode in ['warmup', 'reals', 'fakes']
+        metrics.check_mode(mode)
         self.sum = 0.0
         self.num_pairs = 0
 

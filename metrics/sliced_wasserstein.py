@@ -11,6 +11,8 @@ Values are reported x1e3 per level, finest first, and averaged over the levels.
 import numpy as np
 import scipy.ndimage
 
+import metrics
+
 NHOOD_SIZE = 7
 NHOODS_PER_IMAGE = 128
 DIR_REPEATS = 4
@@ -72,9 +74,10 @@ def random_descriptors(images, nhood_size, nhoods_per_image, rng):
 
 def normalize_descriptors(desc):
     """Zero mean and unit std per channel over the whole set; flattened to [N, C*H*W]."""
-    desc = desc - np.mean(desc, axis=(0, 2, 3), keepdims=True)
-    desc /= np.std(desc, axis=(0, 2, 3), keepdims=True)
-    return desc.reshape(len(desc), -1)
+    all_but_channels = (0, 2, 3)
+    centred = desc - np.mean(desc, axis=all_but_channels, keepdims=True)
+    centred /= np.std(centred, axis=all_but_channels, keepdims=True)
+    return centred.reshape(len(centred), -1)
 
 
 def random_directions(dims, count, rng):
@@ -115,18 +118,20 @@ def pyramid_resolutions(resolution):
 class API:
     def __init__(self, num_images, image_shape, image_dtype, minibatch_size, random_seed=123):
         self.resolutions = pyramid_resolutions(image_shape[1])
+        # A column per pyramid level, finest first, and their average.
+        self.metric_names = ['SWDx1e3_%d' % size for size in self.resolutions] + ['SWDx1e3_avg']
         self.rng = np.random.RandomState(random_seed)
         self.descriptors = [[] for _ in self.resolutions]
         self.desc_real = None
 
     def get_metric_names(self):
-        return ['SWDx1e3_%d' % res for res in self.resolutions] + ['SWDx1e3_avg']
+        return list(self.metric_names)
 
     def get_metric_formatting(self):
-        return ['%-13.4f'] * len(self.get_metric_names())
+        return ['%-13.4f' for _ in self.metric_names]
 
     def begin(self, mode):
-        assert mode in ['warmup', 'reals', 'fakes']
+        metrics.check_mode(mode)
         self.descriptors = [[] for _ in self.resolutions]
 
     def feed(self, mode, minibatch):
@@ -140,7 +145,7 @@ class API:
         if mode in ['warmup', 'reals']:
             # Against itself the distance is exactly 0: skip the projections.
             self.desc_real = desc
-            return [0.0] * len(self.get_metric_names())
+            return [0.0] * len(self.metric_names)
         dist = [sliced_wasserstein(real, fake, DIR_REPEATS, DIRS_PER_REPEAT, self.rng) * 1e3
                 for real, fake in zip(self.desc_real, desc)]
         return dist + [float(np.mean(dist))]

@@ -422,3 +422,8 @@ def test_fid_and_is_run_end_to_end_on_the_standin_graph(inception_dirs):
     expected = inception_score.inception_score(standin.probabilities(fakes))
     assert 1.2 < expected[0] < STANDIN_CLASSES
     np.testing.assert_allclose(scores, expected, rtol=1e-4)
+
+
+def test_an_unknown_mode_is_named():
+    with pytest.raises(ValueError, match="one of warmup, reals, fakes, not 'real'"):
+        swd.API(16, [3, 32, 32], np.uint8, 16).begin('real')

@@ -184,6 +184,13 @@ def test_parse_training_log_pairs_ticks_with_their_grids(run):
 # Metrics.
 
 
+def test_metric_names_map_to_their_modules_and_unknown_ones_are_named():
+    assert util_scripts.metric_class_name('fid') == 'metrics.frechet_inception_distance.API'
+    assert util_scripts.metric_class_name('my_metrics.API') == 'my_metrics.API'
+    with pytest.raises(ValueError, match="Unknown metric 'ssim': use 'swd', 'fid', 'is', 'msssim'"):
+        util_scripts.metric_class_name('ssim')
+
+
 def metric_rows(log_file):
     with open(log_file) as log:
         return [line.split() for line in log]

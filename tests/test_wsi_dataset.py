@@ -84,3 +84,13 @@ def test_training_on_slides_passes_through_two_lods(tinted_slides, tmp_path):
     assert augmented.shape == reals.shape and np.abs(augmented - reals).mean() > 1
     assert sorted(os.listdir(os.path.join(run_dir, 'slide-overviews'))) == [
         'overview-000-s1.tif.png', 'overview-001-s2.tif.png', 'overview-002-s3.tif.png']
+
+
+def test_wrong_settings_say_what_to_change(tf_session, tinted_slides, tmp_path):
+    with pytest.raises(ValueError, match='max_label_size'):
+        dataset.WSIDataset(tinted_slides, wsi_ext='.tif', resolution=16, max_label_size='all')
+    wsi_set = dataset.WSIDataset(tinted_slides, wsi_ext='.tif', resolution=16, downsample=8,
+                                 mask_cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r'LODs 0\.\.2 .*LOD 3 is outside'):
+        wsi_set.configure(4, 3)
+    wsi_set.close()
