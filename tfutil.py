@@ -358,7 +358,7 @@ def _accumulate(state, name, value_expr):
     increment = _finite_sum_and_count(value_expr)
     with _no_dependencies():
         accumulator = tf.Variable(tf.zeros(2), trainable=False)     # [sum, count]
-    # The first update after a reset may run before any initializer did: assign instead of add.
+    # finalize_autosummaries() initialises the accumulators; updates that run before it assign.
     update = tf.cond(tf.is_variable_initialized(accumulator),
                      lambda: tf.assign_add(accumulator, increment),
                      lambda: tf.assign(accumulator, increment))
