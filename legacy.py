@@ -15,155 +15,40 @@ decides how such a state is rebuilt here (`tfutil.Network.__setstate__` calls in
    for `tensorflow` that maps TF1 names onto `tensorflow.compat.v1` and runs NCHW convolutions
    and pools through NHWC transposes, which CPUs require), and a line says so.
 
-Executing embedded source runs Python code from the file. `misc.load_pkl` therefore loads with
-`RestrictedUnpickler` (only what a network pickle needs) and refuses step 3 unless asked:
-`misc.load_pkl(path, allow_unknown_source=True)` or the environment variable
-`WSI_PROGAN_ALLOW_PICKLE_CODE=1`. Plain `pickle.load` is for files you trust: it admits any
-class (as pickle always does) and runs step 3 without asking.
+Executing embedded source runs Python code from the file. Whoever unpickles decides whether it
+may, through `embedded_source_gate`: `misc.load_pkl` (unpickler.py) refuses unless asked, plain
+`pickle.load` is for files you trust and runs it without asking.
 
-This module imports TensorFlow only when a network is actually rebuilt, so `misc` stays light.
+Imports go one way: tfutil and unpickler use this module; it uses only the standard library,
+numpy, and (when a network is actually rebuilt, so importing it stays light) tf_compat and networks.
 """
 
 import ast
 import builtins
+import contextlib
 import contextvars
-import importlib
 import inspect
-import os
-import pickle
-import sys
 import types
 
 import numpy as np
 
-ALLOW_CODE_ENV = 'WSI_PROGAN_ALLOW_PICKLE_CODE'
-
 # ----------------------------------------------------------------------------
-# Errors.
-
-
-class RefusedPickleError(pickle.UnpicklingError):
-    """The restricted unpickler met a global that a network pickle has no need for."""
-
-
-class UnknownSourceError(pickle.UnpicklingError):
-    """A network's embedded source is not recognised, and executing it was not allowed."""
-
-
-# ----------------------------------------------------------------------------
-# Whether embedded source may be executed: plain pickle.load says yes (the caller trusts the
-# file); load_network_pkl() sets the policy for the duration of its load. Context variables
+# Who may execute embedded source. Plain pickle.load runs it (the caller trusts the file); a
+# loader that does not trust it sets a gate for the duration of its load. Context variables
 # follow the call into Network.__setstate__ and are private to each thread.
 
-
-class _SourcePolicy:
-    def __init__(self, allow, filename=None):
-        self.allow = allow
-        self.filename = filename
+_source_gate = contextvars.ContextVar('wsi_progan_embedded_source_gate', default=None)
 
 
-_source_policy = contextvars.ContextVar('wsi_progan_pickle_source_policy', default=_SourcePolicy(True))
-
-
-def env_allows_code():
-    return os.environ.get(ALLOW_CODE_ENV, '').strip().lower() in ('1', 'true', 'yes', 'on')
-
-
-# ----------------------------------------------------------------------------
-# The restricted unpickler.
-
-
-def _numpy_core(submodule, name):
-    """numpy.core.X / numpy._core.X (numpy 1 pickles name the former, numpy 2 the latter)."""
-    for package in ('numpy._core', 'numpy.core'):
-        try:
-            return getattr(importlib.import_module(package + '.' + submodule), name)
-        except (ImportError, AttributeError):
-            continue
-    raise AttributeError('numpy has no %s.%s' % (submodule, name))
-
-
-def _tfutil_network():
-    import tfutil
-    return tfutil.Network
-
-
-def _config_easydict():
-    """config.EasyDict; a plain dict where the running config module defines none (networks
-    read their static kwargs as a dict either way)."""
-    import config
-    return getattr(config, 'EasyDict', dict)
-
-
-_SAFE_BUILTINS = {'dict', 'list', 'tuple', 'set', 'frozenset', 'bytearray', 'bytes', 'str', 'int', 'float',
-                  'complex', 'bool', 'object'}
-
-_ALLOWED_GLOBALS = {
-    ('tfutil', 'Network'): _tfutil_network,
-    ('config', 'EasyDict'): _config_easydict,
-    ('numpy', 'ndarray'): lambda: np.ndarray,
-    ('numpy', 'dtype'): lambda: np.dtype,
-    ('copyreg', '_reconstructor'): lambda: importlib.import_module('copyreg')._reconstructor,
-    ('_codecs', 'encode'): lambda: importlib.import_module('_codecs').encode,
-    ('collections', 'OrderedDict'): lambda: importlib.import_module('collections').OrderedDict,
-}
-for _package in ('numpy.core', 'numpy._core'):
-    for _sub, _name in (('multiarray', '_reconstruct'), ('multiarray', 'scalar'), ('numeric', '_frombuffer')):
-        _ALLOWED_GLOBALS[(_package + '.' + _sub, _name)] = (lambda s=_sub, n=_name: _numpy_core(s, n))
-for _name in _SAFE_BUILTINS:
-    _ALLOWED_GLOBALS[('builtins', _name)] = (lambda n=_name: getattr(builtins, n))
-
-_PY2_MODULES = {'__builtin__': 'builtins', 'copy_reg': 'copyreg'}
-
-
-def _numpy_scalar_type(module, name):
-    """numpy.float32 and friends (the classes of numpy scalars), else None."""
-    if module != 'numpy':
-        return None
-    obj = getattr(np, name, None)
-    return obj if isinstance(obj, type) and issubclass(obj, np.generic) else None
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what a network pickle needs: numpy arrays, dtypes and scalars (and the helpers
-    numpy pickles them with), `tfutil.Network`, `config.EasyDict` and builtin containers. Any
-    other global (a function to call, a class to construct) is refused before it is touched."""
-
-    def __init__(self, file, filename=None):
-        super().__init__(file, encoding='latin1')     # latin1: numpy arrays in Python 2 pickles.
-        self.filename = filename
-
-    def find_class(self, module, name):
-        module = _PY2_MODULES.get(module, module)
-        resolver = _ALLOWED_GLOBALS.get((module, name))
-        if resolver is not None:
-            return resolver()
-        scalar_type = _numpy_scalar_type(module, name)
-        if scalar_type is not None:
-            return scalar_type
-        raise RefusedPickleError(
-            'Refused to load %s.%s from the pickle %s: a network pickle holds only numpy arrays, tfutil.Network '
-            'and config.EasyDict objects and builtin containers, and loading this global could run arbitrary code. '
-            'If you trust the file and know what it holds, load it with pickle.load instead.'
-            % (module, name, _describe_file(self.filename)))
-
-
-def _describe_file(filename):
-    return '"%s"' % filename if filename is not None else '(no file name)'
-
-
-def load_network_pkl(filename, allow_unknown_source=None):
-    """Unpickle a network pickle with RestrictedUnpickler. Embedded networks source that is not
-    recognised is executed only if allow_unknown_source is true (None: the environment variable
-    WSI_PROGAN_ALLOW_PICKLE_CODE decides)."""
-    if allow_unknown_source is None:
-        allow_unknown_source = env_allows_code()
-    token = _source_policy.set(_SourcePolicy(bool(allow_unknown_source), str(filename)))
+@contextlib.contextmanager
+def embedded_source_gate(gate):
+    """Within the block, gate(what, reason) is called before any networks source embedded in a
+    pickle is executed, and refuses by raising; None lets the source run."""
+    token = _source_gate.set(gate)
     try:
-        with open(filename, 'rb') as file:
-            return RestrictedUnpickler(file, str(filename)).load()
+        yield
     finally:
-        _source_policy.reset(token)
+        _source_gate.reset(token)
 
 
 # ----------------------------------------------------------------------------
@@ -190,22 +75,18 @@ def import_state(state, handlers=()):
 
 def build_func_for_state(state):
     """The function to build the state's network with: this project's, when it is recognised
-    (see recognise_local_build), else the embedded source's, executed under the TF1 shim."""
+    (see recognise_local_build), else the embedded source's, executed under the TF1 shim once
+    the current embedded_source_gate lets it."""
     func, reason = recognise_local_build(state)
     if func is not None:
         return func
-    policy = _source_policy.get()
     what = 'network "%s" (build function %s)' % (state['name'], state['build_func_name'])
-    if not policy.allow:
-        raise UnknownSourceError(
-            'Refused to execute the networks source embedded in the pickle %s for %s: %s. Building it means '
-            'running the Python code stored in the file, with your permissions; a pickle from an unknown source '
-            'can do anything this way. If you trust the file, pass allow_unknown_source=True to misc.load_pkl, '
-            'set %s=1, or load it with pickle.load.' % (_describe_file(policy.filename), what, reason, ALLOW_CODE_ENV))
+    gate = _source_gate.get()
+    if gate is not None:
+        gate(what, reason)
     print('Loading %s: %s; executing the networks source embedded in the pickle under the TensorFlow 1 '
           'compatibility shim.' % (what, reason))
-    import tfutil
-    module = tfutil._module_from_source(state['build_module_src'])
+    module = module_from_source(state['build_module_src'])
     func = getattr(module, state['build_func_name'], None)
     if not callable(func):
         raise ValueError('The networks source embedded in the pickle defines no function %s' % state['build_func_name'])
@@ -215,8 +96,8 @@ def build_func_for_state(state):
 def recognise_local_build(state):
     """(local build function, None) when this project's networks module can rebuild the state
     faithfully, else (None, reason)."""
+    import networks
     name = state['build_func_name']
-    networks = sys.modules.get('networks') or importlib.import_module('networks')
     func = getattr(networks, name, None) if isinstance(name, str) and name.isidentifier() else None
     if not (inspect.isfunction(func) and func.__module__ == networks.__name__):
         return None, 'this project\'s networks module has no build function %r' % (name,)
@@ -359,6 +240,20 @@ def checked_variables(net, state):
 # Executing embedded source under the TF1 compatibility shim.
 
 _shim = None
+_source_modules = []      # Modules made from embedded source: one per distinct text, kept alive.
+
+
+def module_from_source(source):
+    """The module made by executing a pickle's embedded networks source under the TF1 shim;
+    pickles with the same source (G, D and Gs of one file) share it."""
+    for module in _source_modules:
+        if module.__network_pickle_source__ == source:
+            return module
+    module_name = '_tfutil_network_import_module_%d' % len(_source_modules)
+    module = exec_source_module(source, module_name)
+    module.__network_pickle_source__ = source
+    _source_modules.append(module)
+    return module
 
 
 def exec_source_module(source, module_name):

@@ -23,12 +23,13 @@ import config
 
 
 def load_pkl(filename, allow_unknown_source=None):
-    """Load a network pickle safely: only numpy arrays, tfutil.Network, config.EasyDict and builtin
-    containers are admitted, and networks source embedded in the file is executed only when it is
-    not recognised as this project's and allow_unknown_source is true (None: the environment
-    variable WSI_PROGAN_ALLOW_PICKLE_CODE=1 decides). See legacy.py; pickle.load trusts the file."""
-    import legacy
-    return legacy.load_network_pkl(filename, allow_unknown_source)
+    """Load a network pickle without trusting it: unpickler.RestrictedUnpickler admits only numpy
+    arrays, tfutil.Network, config.EasyDict and builtin containers, and networks source embedded
+    in the file runs only when it is not recognised as this project's and allow_unknown_source is
+    true (None: the environment variable WSI_PROGAN_ALLOW_PICKLE_CODE=1 decides). For files you
+    trust, pickle.load does the same without the checks."""
+    import unpickler
+    return unpickler.load_network_pkl(filename, allow_unknown_source)
 
 
 def save_pkl(obj, filename):

@@ -23,6 +23,7 @@ import legacy
 import misc
 import reference_numpy as ref
 import tfutil
+import unpickler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'original_networks_nchw.py')
@@ -285,7 +286,7 @@ def test_restricted_loader_refuses_os_system(tmp_path):
     # A network tuple with one more element that runs a command when unpickled.
     with open(pkl, 'wb') as f:
         pickle.dump((_RunsCommand('touch %s' % marker),) + tuple(states), f, protocol=4)
-    with pytest.raises(legacy.RefusedPickleError) as excinfo:
+    with pytest.raises(unpickler.RefusedPickleError) as excinfo:
         misc.load_pkl(str(pkl))
     message = str(excinfo.value)
     assert '%s.system' % os.system.__module__ in message      # posix.system on Linux.
@@ -303,7 +304,7 @@ def test_restricted_loader_refuses_other_globals(tmp_path, gadget):
     pkl = tmp_path / 'evil.pkl'
     # GLOBAL, an argument tuple, REDUCE: calls module.name('x') when unpickled.
     pkl.write_bytes(b'c%s\n%s\n(Vx\ntR.' % (module.encode(), name.encode()))
-    with pytest.raises(legacy.RefusedPickleError, match='Refused to load %s' % gadget.replace('.', r'\.')):
+    with pytest.raises(unpickler.RefusedPickleError, match='Refused to load %s' % gadget.replace('.', r'\.')):
         misc.load_pkl(str(pkl))
 
 
@@ -313,11 +314,11 @@ def test_unknown_source_needs_opt_in(tmp_path, tf_session, monkeypatch):
     source = 'open(%r, "a").close()\n' % str(marker) + FORK_SOURCE
     states, _ = make_networks(seed=5, label_size=0, g_name='G_histo', d_name='D_histo', source=source)
     pkl = write_legacy_pickle(str(tmp_path / 'fork.pkl'), states)
-    monkeypatch.delenv(legacy.ALLOW_CODE_ENV, raising=False)
+    monkeypatch.delenv(unpickler.ALLOW_CODE_ENV, raising=False)
     for env_value in [None, '0']:
         if env_value is not None:
-            monkeypatch.setenv(legacy.ALLOW_CODE_ENV, env_value)
-        with pytest.raises(legacy.UnknownSourceError) as excinfo:
+            monkeypatch.setenv(unpickler.ALLOW_CODE_ENV, env_value)
+        with pytest.raises(unpickler.UnknownSourceError) as excinfo:
             misc.load_pkl(pkl)
         message = str(excinfo.value)
         for part in [pkl, 'network "G" (build function G_histo)', 'no build function \'G_histo\'',
@@ -325,16 +326,16 @@ def test_unknown_source_needs_opt_in(tmp_path, tf_session, monkeypatch):
                      'WSI_PROGAN_ALLOW_PICKLE_CODE=1', 'pickle.load']:
             assert part in message, (part, message)
         assert not marker.exists()
-    monkeypatch.setenv(legacy.ALLOW_CODE_ENV, '1')
+    monkeypatch.setenv(unpickler.ALLOW_CODE_ENV, '1')
     G, D, Gs = misc.load_pkl(pkl)
     assert marker.exists()
     assert G._build_func.__module__.startswith('_tfutil_network_import_module_')
     marker.unlink()
-    monkeypatch.delenv(legacy.ALLOW_CODE_ENV)
+    monkeypatch.delenv(unpickler.ALLOW_CODE_ENV)
     G, D, Gs = misc.load_pkl(pkl, allow_unknown_source=True)
     assert Gs.output_shape == [None, 3, 16, 16]
     # The policy applied to that one load only; plain pickle.load trusts the file.
-    with pytest.raises(legacy.UnknownSourceError):
+    with pytest.raises(unpickler.UnknownSourceError):
         misc.load_pkl(pkl)
     with open(pkl, 'rb') as f:
         G, D, Gs = pickle.load(f)
@@ -471,9 +472,9 @@ def test_resume_from_a_legacy_pickle(tmp_path, kind):
     cfg = tmp_path / 'resume_config.py'
     cfg.write_text(RESUME_CONFIG.format(data_dir=str(tmp_path), result_dir=str(result_dir), pkl=pkl))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-    env.pop(legacy.ALLOW_CODE_ENV, None)
+    env.pop(unpickler.ALLOW_CODE_ENV, None)
     if kind == 'shim':
-        env[legacy.ALLOW_CODE_ENV] = '1'
+        env[unpickler.ALLOW_CODE_ENV] = '1'
     proc = subprocess.run([sys.executable, 'train.py', str(cfg)], cwd=REPO, capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

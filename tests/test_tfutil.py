@@ -1,6 +1,7 @@
 """tfutil: pickling in a fresh process, multi-device gradient sums, fp16 loss scaling, overflow
 skipping, autosummaries read back from the event file."""
 
+import ast
 import glob
 import os
 import pickle
@@ -222,3 +223,131 @@ def test_autosummaries_average_per_flush_and_reach_the_event_file(tf_session, tm
     assert values[('Progress/kimg', 100)] == pytest.approx(7.5)
     assert values[('Progress/kimg', 200)] == pytest.approx(9.0)
     assert values[('Loss/x', 200)] == pytest.approx(4.0)
+
+
+# ----------------------------------------------------------------------------
+# Unpickling changes no global state.
+
+
+def test_unpickling_leaves_numpy_random_state_alone(tf_session, tmp_path):
+    pkl = str(tmp_path / 'network-snapshot-000001.pkl')
+    misc.save_pkl(build_networks(), pkl)
+    script = textwrap.dedent('''
+        import pickle, sys
+        import numpy as np
+        import config, tfutil       # A program with a config, as train.py and the notebooks are.
+        from tf_compat import tf
+        np.random.seed(7)
+        before = np.random.get_state()
+        with open(sys.argv[1], 'rb') as f:
+            G, D, Gs = pickle.load(f)
+        after = np.random.get_state()
+        same = before[0] == after[0] and np.array_equal(before[1], after[1]) and before[2:] == after[2:]
+        print('numpy state unchanged:', same)
+        print('graph seed:', tf.get_default_graph().seed)
+        print('output shape:', Gs.run(np.zeros([2, 16], np.float32), np.zeros([2, 3], np.float32)).shape)
+    ''')
+    proc = subprocess.run([sys.executable, '-c', script, pkl], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'numpy state unchanged: True' in proc.stdout
+    assert 'graph seed: None' in proc.stdout
+    assert 'output shape: (2, 3, 16, 16)' in proc.stdout     # A default session was made to run it.
+
+
+# ----------------------------------------------------------------------------
+# Import by name.
+
+
+def test_import_by_name_says_what_is_missing():
+    import networks
+    assert tfutil.import_obj('networks.G_paper') is networks.G_paper
+    assert tfutil.import_obj('tf.train.AdamOptimizer') is tf.train.AdamOptimizer
+    with pytest.raises(AttributeError, match='module networks has no attribute G_papr'):
+        tfutil.import_obj('networks.G_papr')
+    with pytest.raises(AttributeError, match='module tf.train has no attribute AdamOptimzer'):
+        tfutil.import_obj('tf.train.AdamOptimzer')
+    with pytest.raises(ImportError, match='no module named netwrks'):
+        tfutil.import_obj('netwrks.G_paper')
+    with pytest.raises(ImportError, match='dotted name'):
+        tfutil.import_obj('G_paper')
+    with pytest.raises(TypeError, match='func is missing'):
+        tfutil.call_func_by_name(latents_in=None)
+    with pytest.raises(AttributeError, match='module networks has no attribute D_papr'):
+        tfutil.Network('D', func='networks.D_papr')
+
+
+# ----------------------------------------------------------------------------
+# print_layers.
+
+
+def channels_last_net(images_in, **_kwargs):
+    """A network in the shape of ours: NCHW outside, NHWC inside, transposes named at will."""
+    images_in.set_shape([None, 3, 8, 8])
+    with tf.name_scope('ToChannelsLast'):
+        x = tf.transpose(images_in, [0, 2, 3, 1])
+    with tf.variable_scope('Conv'):
+        w = tf.get_variable('weight', shape=[3, 3, 3, 5], initializer=tf.initializers.random_normal())
+        x = tf.nn.conv2d(x, w, strides=[1, 1, 1, 1], padding='SAME')
+    with tf.name_scope('ToChannelsFirst'):
+        x = tf.transpose(x, [0, 3, 1, 2])
+    return tf.identity(x, name='images_out')
+
+
+def printed_rows(net, capsys):
+    net.print_layers()
+    lines = capsys.readouterr().out.splitlines()
+    return {line.split()[0]: line.split(None, 1)[1] for line in lines[3:] if line.strip() and line[0] != '-'}
+
+
+def test_print_layers_shows_nchw_shapes_and_no_layout_transposes(tf_session, capsys):
+    net = tfutil.Network('Tiny', func='test_tfutil.channels_last_net')
+    rows = printed_rows(net, capsys)
+    assert list(rows) == ['images_in', 'Conv', 'images_out', 'Total']
+    assert rows['images_in'].split() == ['-', '(?,', '3,', '8,', '8)', '-']
+    assert rows['Conv'].split() == ['135', '(?,', '5,', '8,', '8)', '(3,', '3,', '3,', '5)']
+    assert rows['images_out'].split() == ['-', '(?,', '5,', '8,', '8)', '-']
+    assert rows['Total'].split() == ['135']
+
+    G, D, _ = build_networks()
+    rows = printed_rows(G, capsys)
+    assert not any('transpose' in name.lower() for name in rows)
+    assert '(?, 16, 4, 4)' in rows['4x4/Dense'] and '(?, 16, 4, 4)' in rows['4x4/Conv']
+    assert '(?, 3, 4, 4)' in rows['ToRGB_lod2'] and '(?, 8, 16, 16)' in rows['16x16/Conv1']
+    assert '(?, 3, 16, 16)' in rows['Grow_lod0'] and '(?, 3, 16, 16)' in rows['images_out']
+    assert rows['Total'].split() == [str(sum(int(np.prod(v.shape.as_list())) for v in G.trainables.values()))]
+    rows = printed_rows(D, capsys)
+    assert not any('transpose' in name.lower() for name in rows)
+    assert '(?, 3, 16, 16)' in rows['images_in'] and '(?, 8, 16, 16)' in rows['FromRGB_lod0']
+    assert '(?, 1, 4, 4)' in rows['4x4/MinibatchStddev'] and '(?, 4)' in rows['4x4/Dense1']
+
+
+# ----------------------------------------------------------------------------
+# Imports run one way.
+
+
+def project_imports(module_name):
+    """The project modules `module_name` imports, anywhere in its code (functions included)."""
+    project = {os.path.splitext(f)[0] for f in os.listdir(REPO) if f.endswith('.py')}
+    with open(os.path.join(REPO, module_name + '.py'), encoding='utf-8') as file:
+        tree = ast.parse(file.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split('.')[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split('.')[0])
+    return names & project
+
+
+def test_tensorflow_layer_imports_form_no_cycle():
+    assert project_imports('legacy') <= {'tf_compat', 'networks'}
+    assert project_imports('networks') == set()
+    for start in ['tfutil', 'legacy', 'unpickler']:
+        seen, pending = set(), list(project_imports(start))
+        while pending:
+            module = pending.pop()
+            assert module != start, 'import cycle through %s' % start
+            if module not in seen:
+                seen.add(module)
+                pending += project_imports(module)
