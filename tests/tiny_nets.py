@@ -38,9 +38,11 @@ def random_draws(build):
     """(build()'s result, the tensors of the random draws it made, in creation order).
 
     Each draw is the value a tf.random_* call returns (the op named like the call, after its
-    scaling), so feeding it replaces the draw with chosen numbers."""
+    scaling), so feeding it replaces the draw with chosen numbers. Variable initializers, which
+    only run when a variable is (re)set, are left out."""
     graph = tf.get_default_graph()
     known = set(op.name for op in graph.get_operations())
     result = build()
-    draws = [op for op in graph.get_operations() if op.name not in known and op.type in RANDOM_OP_TYPES]
+    draws = [op for op in graph.get_operations() if op.name not in known and op.type in RANDOM_OP_TYPES
+             and '/Initializer/' not in op.name]     # new networks' variables start random too
     return result, [graph.get_tensor_by_name(op.name.rsplit('/', 1)[0] + ':0') for op in draws]
