@@ -31,7 +31,7 @@ def images_at(lod, count=4, resolution=16, seed=0):
 
 
 @pytest.mark.parametrize('lod', [0.0, 0.3, 1.0, 1.75, 2.0, 2.5])
-@pytest.mark.parametrize('mirror', ['off', 'none drawn', 'some drawn'])
+@pytest.mark.parametrize('mirror', ['off', 'on-none-flipped', 'on-some-flipped'])
 def test_process_reals_matches_the_reference(tf_session, lod, mirror):
     images = images_at(lod)
     reals = tf.placeholder(tf.uint8, [None, 3, None, None])
@@ -41,7 +41,7 @@ def test_process_reals_matches_the_reference(tf_session, lod, mirror):
     flip = np.zeros(len(images), bool)
     if mirror != 'off':
         (mirror_draw,) = draws
-        uniform = np.array([0.1, 0.45, 0.55, 0.9] if mirror == 'some drawn' else [0.0, 0.2, 0.3, 0.49], np.float32)
+        uniform = np.array([0.1, 0.45, 0.55, 0.9] if mirror == 'on-some-flipped' else [0.0, 0.2, 0.3, 0.49], np.float32)
         feed[mirror_draw] = uniform.reshape(-1, 1, 1, 1)
         flip = uniform >= 0.5     # probability one half
     else:
