@@ -112,7 +112,8 @@ def first_failure(folder, tests):
     """The first of tests that fails in folder (None: all pass), and the pytest output."""
     command = [sys.executable, '-m', 'pytest', '-x', '-q', '-rfE', '-p', 'no:cacheprovider', *tests]
     try:
-        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
+                                check=False)     # a failing test is the outcome looked for
     except subprocess.TimeoutExpired:
         return f'(a timeout after {TIMEOUT_SECONDS} s)', ''
     if result.returncode == 0:

@@ -139,9 +139,9 @@ def test_training_graph_augments_on_each_device(tf_session_2cpu, tmp_path):
     train.build_training_graph(G, D, G.clone('Gs'), wsi_set, num_gpus=2)
     wsi_set.configure(8, 0)
     for tower in (0, 1):
-        scope = 'GPU%d/Augment/' % tower
+        scope = f'GPU{tower}/Augment/'
         ops = [op for op in tf.get_default_graph().get_operations() if op.name.startswith(scope)]
-        assert ops and all(op.device.lower().endswith('cpu:%d' % tower) for op in ops), tower
+        assert ops and all(op.device.lower().endswith(f'cpu:{tower}') for op in ops), tower
         (images,), (augmented,) = scope_boundary(scope)
         before, after = tfutil.run([images, augmented])     # this tower's half of one minibatch
         assert before.shape == after.shape == (4, 3, 8, 8) and after.dtype == np.float32

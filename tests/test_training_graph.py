@@ -17,11 +17,11 @@ MINIBATCH, LATENT, LOD, LRATE, G_SMOOTHING = 8, 16, 0.5, 0.001, 0.9
 
 class FixedMinibatch:
     """A training set that always gives the same reals, without labels."""
-    dynamic_range = [0, 255]
-    label_size = 0
 
     def __init__(self, reals):
         self.reals = reals
+        self.dynamic_range = [0, 255]
+        self.label_size = 0
 
     def get_minibatch_tf(self):
         return tf.constant(self.reals), tf.zeros([len(self.reals), 0])
@@ -99,11 +99,11 @@ def test_each_tower_sits_on_its_device(start):
         build(2, start)
         ops = tf.get_default_graph().get_operations()
         for tower in (0, 1):
-            tower_ops = [op for op in ops if op.name.startswith('GPU%d/' % tower)]
+            tower_ops = [op for op in ops if op.name.startswith(f'GPU{tower}/')]
             for part in ('ProcessReals', 'G_loss', 'D_loss'):
-                assert any(op.name.startswith('GPU%d/%s/' % (tower, part)) for op in tower_ops), (tower, part)
+                assert any(op.name.startswith(f'GPU{tower}/{part}/') for op in tower_ops), (tower, part)
             placed = [op for op in tower_ops if not colocated_with_another_op(op)]
-            elsewhere = [(op.name, op.device) for op in placed if not op.device.lower().endswith('cpu:%d' % tower)]
+            elsewhere = [(op.name, op.device) for op in placed if not op.device.lower().endswith(f'cpu:{tower}')]
             assert not elsewhere, elsewhere[:5]
             if tower == 1:    # its own copies of the networks' variables, checked above
                 assert any(op.type.startswith('Variable') for op in tower_ops)

@@ -234,10 +234,10 @@ REGIONS = (((512, 384), 0, 64), ((1000, 700), 1, 50), ((2000, 1500), 0, 96),
            ((-40, -30), 1, 64))   # the last two hang off the slide: transparent there
 
 
-def reads_by_path(read):
-    """read()'s result and how many regions each read path of wsi.read_region_rgb served."""
+def reads_by_path(function, *args):
+    """function(*args)'s result and how many regions each read path of wsi.read_region_rgb served."""
     before = dict(wsi.region_reads)
-    result = read()
+    result = function(*args)
     return result, {path: wsi.region_reads[path] - before.get(path, 0) for path in ('direct', 'public')}
 
 
@@ -252,7 +252,7 @@ def test_region_reads_match_openslides_public_read_region(tmp_path, monkeypatch,
         for top_left, level, size in REGIONS:
             rgba = np.asarray(handle.read_region(top_left, level, (size, size)))
             expected = wsi.composite_on_white(rgba)
-            got, paths = reads_by_path(lambda: wsi.read_region_rgb(handle, top_left, level, size))
+            got, paths = reads_by_path(wsi.read_region_rgb, handle, top_left, level, size)
             assert paths == ({'direct': 1, 'public': 0} if direct_call_available else {'direct': 0, 'public': 1})
             assert got.shape == (size, size, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
             assert np.abs(got.astype(int) - expected).max() <= 1, top_left
@@ -262,7 +262,7 @@ def test_region_reads_match_openslides_public_read_region(tmp_path, monkeypatch,
 def test_sampler_reads_through_the_fast_path(tmp_path, mask_cache):
     write_slide(tmp_path / 's.svs')
     with make_sampler(tmp_path, mask_cache, num_threads=1) as sampler:
-        _, paths = reads_by_path(lambda: sampler.sample(1, 8))
+        _, paths = reads_by_path(sampler.sample, 1, 8)
     assert paths == {'direct': 8, 'public': 0}
 
 

@@ -41,7 +41,7 @@ def random_draws(build):
     scaling), so feeding it replaces the draw with chosen numbers. Variable initializers, which
     only run when a variable is (re)set, are left out."""
     graph = tf.get_default_graph()
-    known = set(op.name for op in graph.get_operations())
+    known = {op.name for op in graph.get_operations()}
     result = build()
     draws = [op for op in graph.get_operations() if op.name not in known and op.type in RANDOM_OP_TYPES
              and '/Initializer/' not in op.name]     # new networks' variables start random too
