@@ -20,15 +20,21 @@ def _dense(x, fan_out, name):
         return tf.matmul(x, weight) + bias
 
 
+def _declare_shape(placeholder, *item_shape):
+    """Give an input its per-item shape: Network reads input_shapes (the losses, the latent size)
+    off its placeholders, and the dense layers need a known width."""
+    placeholder.set_shape((None,) + item_shape)
+
+
 def tiny_G(latents_in, labels_in, num_channels=3, resolution=4, label_size=0, latent_size=4, **_kwargs):
-    latents_in.set_shape([None, latent_size])
-    labels_in.set_shape([None, label_size])
+    _declare_shape(latents_in, latent_size)
+    _declare_shape(labels_in, label_size)
     flat = _dense(tf.concat([latents_in, labels_in], axis=1), num_channels * resolution ** 2, 'Dense')
     return tf.reshape(flat, [-1, num_channels, resolution, resolution], name='images_out')
 
 
 def tiny_D(images_in, num_channels=3, resolution=4, label_size=0, hidden_size=8, **_kwargs):
-    images_in.set_shape([None, num_channels, resolution, resolution])
+    _declare_shape(images_in, num_channels, resolution, resolution)
     hidden = tf.tanh(_dense(tf.reshape(images_in, [-1, num_channels * resolution ** 2]), hidden_size, 'Hidden'))
     out = _dense(hidden, 1 + label_size, 'Out')
     return tf.identity(out[:, :1], name='scores_out'), tf.identity(out[:, 1:], name='labels_out')
