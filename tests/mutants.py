@@ -12,7 +12,8 @@ Usage (from anywhere; not collected by pytest):
     python tests/mutants.py                 # every mutant
     python tests/mutants.py gp-weight drift # only these
     python tests/mutants.py --list
-Exit status: 0 when every mutant run was caught, 1 otherwise.
+    python tests/mutants.py --baseline      # first check the tests pass on the code as it is
+Exit status: 0 when every mutant run was caught (and the baseline passed), 1 otherwise.
 """
 
 import argparse
@@ -122,6 +123,22 @@ def first_failure(folder, tests):
     return (match.group(1) if match else f'(pytest exit status {result.returncode})'), result.stdout
 
 
+def baseline_passes(mutants):
+    """Run the chosen mutants' tests on an unchanged copy: a test failing there catches nothing."""
+    tests = list(dict.fromkeys(test for m in mutants for test in m.tests))
+    with tempfile.TemporaryDirectory(prefix='mutant-baseline-') as tmp:
+        folder = os.path.join(tmp, 'checkout')
+        shutil.copytree(CHECKOUT, folder, ignore=NOT_COPIED)
+        command = [sys.executable, '-m', 'pytest', '-q', '-rfE', '-p', 'no:cacheprovider', *tests]
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        print('baseline  passes', flush=True)
+        return True
+    failures = re.findall(r'^(?:FAILED|ERROR) (\S+)', result.stdout, re.MULTILINE)
+    print('baseline  FAILS:', ' '.join(failures) or result.stdout[-2000:], flush=True)
+    return False
+
+
 def run_mutant(mutant, verbose=False):
     start = time.time()
     with tempfile.TemporaryDirectory(prefix=f'mutant-{mutant.name}-') as tmp:
@@ -146,6 +163,7 @@ def main():
     parser.add_argument('names', nargs='*', help='mutants to run (default: all)')
     parser.add_argument('--list', action='store_true', help='list the mutants and exit')
     parser.add_argument('--verbose', action='store_true', help="show the end of each run's pytest output")
+    parser.add_argument('--baseline', action='store_true', help="first run the mutants' tests on the code as it is")
     args = parser.parse_args()
     by_name = {m.name: m for m in MUTANTS}
     if args.list:
@@ -156,6 +174,8 @@ def main():
     if unknown:
         parser.error(f'unknown mutant(s) {", ".join(unknown)}; --list shows them')
     chosen = [by_name[name] for name in args.names] if args.names else MUTANTS
+    if args.baseline and not baseline_passes(chosen):
+        return 1
     caught = [run_mutant(m, args.verbose) for m in chosen]
     return 0 if all(caught) else 1
 
