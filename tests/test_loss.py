@@ -102,6 +102,14 @@ def set_params(net, rng, scale):
     return params
 
 
+def random_one_hot(rng, label_size):
+    """[N, label_size] one-hot rows (no columns without labels)."""
+    labels = np.zeros([N, label_size], np.float32)
+    if label_size:
+        labels[np.arange(N), rng.integers(label_size, size=N)] = 1
+    return labels
+
+
 @pytest.fixture(params=[0, 3], ids=['no-labels', 'labels'])
 def setup(request, tf_session):
     label_size = request.param
@@ -112,7 +120,7 @@ def setup(request, tf_session):
     data = dict(
         G=G, D=D, G_params=set_params(G, rng, 0.5), D_params=set_params(D, rng, 0.15),
         reals=rng.uniform(-1, 1, [N, C, R, R]).astype(np.float32),
-        labels=np.eye(max(label_size, 1), dtype=np.float32)[rng.integers(max(label_size, 1), size=N)][:, :label_size],
+        labels=random_one_hot(rng, label_size),
         latents=rng.standard_normal([N, LATENT]).astype(np.float32),
         mixing=np.array([0.1, 0.35, 0.6, 0.9], np.float32))
     data['D_params']['Out/weight'] *= 5     # scores of a few units: the drift term counts
