@@ -315,6 +315,10 @@ try:   # openslide_read_region straight into a numpy buffer: see read_region_rgb
 except AttributeError:
     _openslide_read_region = None
 _read_buffers = threading.local()
+# Regions read per path, 'direct' (the ctypes call) or 'public' (OpenSlide.read_region): a
+# missing private call falls back silently, so this is how a test or a benchmark sees which ran.
+# Unlocked, so exact only when one thread reads.
+region_reads = collections.Counter()
 
 
 def read_region_rgb(handle, top_left, level, read_size):
@@ -327,8 +331,10 @@ def read_region_rgb(handle, top_left, level, read_size):
     back to the public API for other handle types or openslide-python versions."""
     osr = getattr(handle, '_osr', None)
     if _openslide_read_region is None or osr is None:
+        region_reads['public'] += 1
         return np.ascontiguousarray(composite_on_white(
             np.asarray(handle.read_region(top_left, level, (read_size, read_size)))))
+    region_reads['direct'] += 1
     words = read_size * read_size
     buffer = getattr(_read_buffers, 'buffer', None)
     if buffer is None or buffer.size < words:
@@ -483,11 +489,6 @@ class PatchSampler:
         with self._lock:
             slides = [self._choose_slide(self._rng) for _ in range(count)]
         return self.labels_onehot([self.slides[i].class_index for i in slides])
-
-    def read_patch_at(self, slide_index, centre, lod):
-        """Patch (HWC uint8, no augmentation) centred at level-0 `centre` (x, y) on a slide."""
-        handle = self._handle(self.slides[slide_index].path)
-        return read_patch(handle, centre, self.field_of_view, self.patch_size(lod))
 
     def write_overview(self, out_dir, boxes_per_slide=8, max_size=1000):
         """One PNG per slide: thumbnail, tissue-mask outline (green), sampled patch boxes (red)."""

@@ -116,6 +116,15 @@ def test_augment_minibatch_honours_the_probability_and_the_dynamic_range(tf_sess
     assert -1 <= out.min() < -0.2 and 0.2 < out.max() <= 1
 
 
+def scope_boundary(prefix):
+    """(tensors the ops under name scope `prefix` take from outside it, tensors of theirs used outside)."""
+    ops = tf.get_default_graph().get_operations()
+    inside = {op for op in ops if op.name.startswith(prefix)}
+    taken = {t for op in inside for t in op.inputs if t.op not in inside}
+    given = {t for op in inside for t in op.outputs if any(c not in inside for c in t.consumers())}
+    return taken, given
+
+
 def test_training_graph_augments_on_each_device(tf_session_2cpu, tmp_path):
     slides = tmp_path / 'slides'
     slides.mkdir()
@@ -124,14 +133,21 @@ def test_training_graph_augments_on_each_device(tf_session_2cpu, tmp_path):
                                  mask_cache_dir=str(tmp_path / 'masks'))
     plain = wsi_set.get_minibatch_np(8)[0]
     assert plain.dtype == np.uint8, 'numpy minibatches (snapshot grids, metrics) stay unaugmented'
-    reals = tf.placeholder(tf.uint8, [None, 3, 8, 8])
-    with tf.device('/cpu:1'):
-        augmented = train.augment_reals(wsi_set, reals)
-    ops = [op for op in tf.get_default_graph().get_operations() if op.name.startswith('Augment/')]
-    assert ops and all(op.device.lower().endswith('cpu:1') for op in ops)
-    out = tfutil.run(augmented, {reals: plain})
-    assert out.dtype == np.float32 and np.abs(out - plain).mean() > 1
+    net_kwargs = dict(num_channels=3, resolution=8, label_size=0, fmap_base=32, fmap_max=16)
+    G = tfutil.Network('G', func='networks.G_paper', latent_size=16, **net_kwargs)
+    D = tfutil.Network('D', func='networks.D_paper', **net_kwargs)
+    train.build_training_graph(G, D, G.clone('Gs'), wsi_set, num_gpus=2)
+    wsi_set.configure(8, 0)
+    for tower in (0, 1):
+        scope = f'GPU{tower}/Augment/'
+        ops = [op for op in tf.get_default_graph().get_operations() if op.name.startswith(scope)]
+        assert ops and all(op.device.lower().endswith(f'cpu:{tower}') for op in ops), tower
+        (images,), (augmented,) = scope_boundary(scope)
+        before, after = tfutil.run([images, augmented])     # this tower's half of one minibatch
+        assert before.shape == after.shape == (4, 3, 8, 8) and after.dtype == np.float32
+        assert (np.abs(after - before).reshape(4, -1).max(axis=1) > 1).all(), 'an image went through unaugmented'
     wsi_set.augment = 0.0
+    reals = tf.placeholder(tf.uint8, [None, 3, 8, 8])
     assert train.augment_reals(wsi_set, reals) is reals
     assert train.augment_reals(dataset.SyntheticDataset(resolution=8, num_channels=3), reals) is reals
     wsi_set.close()

@@ -171,6 +171,26 @@ def test_lod_blending_is_continuous(tf_session):
     np.testing.assert_allclose(g15, (g1 + g2) / 2, atol=1e-4)
 
 
+def he_constant(name, shape):
+    """The paper's per-layer weight scale gain / sqrt(fan_in): gain 1 for the linear outputs
+    (to-RGB, D's last dense layer), sqrt(2) / 4 for G's first dense layer (from the Theano
+    original), sqrt(2) elsewhere. A fused upscale kernel is stored [k, k, out, in]."""
+    if name.startswith('ToRGB') or name == '4x4/Dense1/weight':
+        gain = 1.0
+    elif name == '4x4/Dense/weight':
+        gain = np.sqrt(2) / 4
+    else:
+        gain = np.sqrt(2)
+    fan_in = np.prod(shape[:2]) * shape[3] if 'Conv0_up' in name else np.prod(shape[:-1])
+    return gain / np.sqrt(fan_in)
+
+
+def with_weights_prescaled(net, plain):
+    """Give `plain` (use_wscale=False) net's variables with each weight times its He constant."""
+    for name, value in zip(net.vars, tfutil.run(list(net.vars.values()))):
+        plain.set_var(name, value * he_constant(name, value.shape) if name.endswith('/weight') else value)
+
+
 def test_pixelnorm_and_wscale_switches_change_the_network(tf_session):
     base = dict(latent_size=16, **SMALL_16)
     G = tfutil.Network('G', func='networks.G_paper', **base)
@@ -179,3 +199,23 @@ def test_pixelnorm_and_wscale_switches_change_the_network(tf_session):
     latents = np.random.RandomState(3).randn(2, 16).astype(np.float32) * 5
     labels = np.zeros([2, 2], np.float32)
     assert np.abs(G.run(latents, labels) - G_nopn.run(latents, labels)).max() > 1e-4
+
+    # Equalized learning rate: a network with use_wscale scales each weight by its He constant
+    # at run time, so it equals a plain network holding the scaled weights.
+    rnd = np.random.RandomState(4)
+    images = rnd.randn(4, 3, 16, 16).astype(np.float32)
+    labels = np.eye(2, dtype=np.float32)[rnd.randint(2, size=4)]
+    latents = rnd.randn(4, 16).astype(np.float32)
+    D = tfutil.Network('D', func='networks.D_paper', **SMALL_16)
+    for net in (G, D):
+        net.set_var('lod', np.float32(0.5))    # two to-RGB / from-RGB layers in use
+    G_plain = tfutil.Network('Gplain', func='networks.G_paper', use_wscale=False, **base)
+    D_plain = tfutil.Network('Dplain', func='networks.D_paper', use_wscale=False, **SMALL_16)
+    with_weights_prescaled(G, G_plain)
+    with_weights_prescaled(D, D_plain)
+    np.testing.assert_allclose(G_plain.run(latents, labels), G.run(latents, labels), rtol=1e-4, atol=1e-5)
+    for plain, scaled in zip(D_plain.run(images), D.run(images)):
+        np.testing.assert_allclose(plain, scaled, rtol=1e-4, atol=1e-5)
+    G_unscaled = tfutil.Network('Gunscaled', func='networks.G_paper', use_wscale=False, **base)
+    G_unscaled.copy_vars_from(G)
+    assert np.abs(G_unscaled.run(latents, labels) - G.run(latents, labels)).max() > 1e-2, 'wscale made no difference'

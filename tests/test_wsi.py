@@ -42,12 +42,16 @@ def test_written_pyramid_opens_with_right_colours_and_metadata(tmp_path, name, v
     wsi.write_pyramidal_tiff(path, rgb, aperio=name.endswith('.svs'))
     with openslide.OpenSlide(path) as slide:
         assert slide.properties['openslide.vendor'] == vendor
-        assert (float(slide.properties['openslide.mpp-x']) if mpp else None) == mpp
+        if mpp is None:
+            assert openslide.PROPERTY_NAME_MPP_X not in slide.properties
+        else:
+            assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == mpp
         assert slide.level_count >= 3 and slide.level_downsamples[1] == pytest.approx(2)
         for level, x in [(0, 100), (0, 1200), (1, 50), (1, 600)]:
             got = np.asarray(slide.read_region((x * int(slide.level_downsamples[level]), 300), level, (8, 8)))
             want = rgb[300, x * int(slide.level_downsamples[level])]
             assert np.abs(got[..., :3].astype(int) - want).max() <= 6, (level, x)
+    assert wsi.inspect_slide(path, str(tmp_path / 'masks')).mpp == mpp
 
 
 def test_demo_slides_are_deterministic_and_serve_the_default_config(tmp_path, mask_cache):
@@ -160,6 +164,20 @@ def test_every_lod_covers_the_same_field_of_view(tmp_path):
         assert np.abs(exact.astype(int) - rgb[896:1152, 896:1152]).mean() < 3, 'centre misplaced'
 
 
+def test_sampler_patches_cover_the_same_field_of_view_at_every_lod(tmp_path, mask_cache):
+    # Same seed, same random centres: a patch at LOD k is the LOD 0 patch shrunk, up to JPEG noise
+    # and the level-grid snapping (a patch with half or twice the field of view differs by far more).
+    write_slide(tmp_path / 's.svs')
+    patches = {}
+    for lod in (0, 1, 2):
+        with make_sampler(tmp_path, mask_cache, num_threads=1, seed=5) as sampler:
+            patches[lod] = sampler.sample(lod, 16)[0].transpose(0, 2, 3, 1).astype(np.float32)
+    for lod in (1, 2):
+        size = 32 >> lod
+        shrunk = np.stack([cv2.resize(p, (size, size), interpolation=cv2.INTER_AREA) for p in patches[0]])
+        assert np.abs(patches[lod] - shrunk).mean() < 10, lod     # 6 and 4 here; halved: 23 and 20
+
+
 def test_reads_snap_to_the_level_grid_by_at_most_half_a_level_pixel():
     rng = np.random.default_rng(0)
     for _ in range(500):
@@ -212,17 +230,40 @@ def test_rotate90_gives_every_quarter_turn_of_the_patch(tmp_path, mask_cache):
     assert_no_blank_patches(images)
 
 
-def test_region_reads_match_openslides_public_read_region(tmp_path):
+REGIONS = (((512, 384), 0, 64), ((1000, 700), 1, 50), ((2000, 1500), 0, 96),
+           ((-40, -30), 1, 64))   # the last two hang off the slide: transparent there
+
+
+def reads_by_path(function, *args):
+    """function(*args)'s result and how many regions each read path of wsi.read_region_rgb served."""
+    before = dict(wsi.region_reads)
+    result = function(*args)
+    return result, {path: wsi.region_reads[path] - before.get(path, 0) for path in ('direct', 'public')}
+
+
+@pytest.mark.parametrize('direct_call_available', [True, False])
+def test_region_reads_match_openslides_public_read_region(tmp_path, monkeypatch, direct_call_available):
+    if direct_call_available:
+        assert wsi._openslide_read_region is not None, 'the fast path is unavailable with this openslide-python'
+    else:
+        monkeypatch.setattr(wsi, '_openslide_read_region', None)     # as with an openslide-python without it
     path = write_slide(tmp_path / 's.svs')
     with openslide.OpenSlide(path) as handle:
-        for top_left, level, size in (((512, 384), 0, 64), ((1000, 700), 1, 50), ((2000, 1500), 0, 96),
-                                      ((-40, -30), 1, 64)):   # last two hang off the slide: transparent
+        for top_left, level, size in REGIONS:
             rgba = np.asarray(handle.read_region(top_left, level, (size, size)))
             expected = wsi.composite_on_white(rgba)
-            got = wsi.read_region_rgb(handle, top_left, level, size)
+            got, paths = reads_by_path(wsi.read_region_rgb, handle, top_left, level, size)
+            assert paths == ({'direct': 1, 'public': 0} if direct_call_available else {'direct': 0, 'public': 1})
             assert got.shape == (size, size, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
             assert np.abs(got.astype(int) - expected).max() <= 1, top_left
         assert (got[:10, :10] == 255).all(), 'outside the slide is white'
+
+
+def test_sampler_reads_through_the_fast_path(tmp_path, mask_cache):
+    write_slide(tmp_path / 's.svs')
+    with make_sampler(tmp_path, mask_cache, num_threads=1) as sampler:
+        _, paths = reads_by_path(sampler.sample, 1, 8)
+    assert paths == {'direct': 8, 'public': 0}
 
 
 def test_batches_read_ahead_a_bounded_amount_and_stop_cleanly(tmp_path, mask_cache):
@@ -236,9 +277,18 @@ def test_batches_read_ahead_a_bounded_amount_and_stop_cleanly(tmp_path, mask_cac
         # Three taken and prefetch=3 read ahead behind them: no more.
         assert sampler.patches_read == (3 + 3) * 8, sampler.patches_read
         batches.close()
-        read_at_close = sampler.patches_read
-        time.sleep(0.5)
-        assert sampler.patches_read == read_at_close, 'closing the generator left reads running or queued'
+
+        # Large batches that one reader needs a while for: most of the read-ahead is still
+        # queued when the generator is closed right after the first batch.
+        minibatch, prefetch = 256, 3
+        read_before = sampler.patches_read
+        batches = sampler.batches(0, minibatch, prefetch=prefetch)
+        next(batches)
+        batches.close()
+        read_at_close = sampler.patches_read - read_before
+        assert read_at_close < (1 + prefetch) * minibatch, 'nothing was queued at close: the test proves nothing'
+        time.sleep(1.0)
+        assert sampler.patches_read - read_before == read_at_close, 'closing the generator left reads running or queued'
         images, _ = sampler.sample(2, 4)       # the pool still serves
         assert images.shape == (4, 3, 8, 8)
 

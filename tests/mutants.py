@@ -1,0 +1,184 @@
+"""Planted bugs: do the tests catch them?
+
+Each mutant is one deliberate one-line bug. It is applied to a fresh copy of the checkout (in a
+temporary folder, the checkout itself is never touched) and the mutant's tests run there, with
+the Python running this script; the first test that fails has caught it. One line per mutant:
+
+    caught   gp-weight        by tests/test_loss.py::test_D_loss_with_the_default_weights...
+    MISSED   some-mutant      (tests: ...)
+    PATTERN NOT FOUND  name   in file: ...      (the code changed: re-target the mutant)
+
+Usage (from anywhere; not collected by pytest):
+    python tests/mutants.py                 # every mutant
+    python tests/mutants.py gp-weight drift # only these
+    python tests/mutants.py --list
+    python tests/mutants.py --baseline      # first check the tests pass on the code as it is
+Exit status: 0 when every mutant run was caught (and the baseline passed), 1 otherwise.
+"""
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOT_COPIED = shutil.ignore_patterns('.git', '.venv', '__pycache__', '.pytest_cache', 'results', '*.pyc')
+TIMEOUT_SECONDS = 300
+
+Mutant = collections.namedtuple('Mutant', 'name file old new tests')
+
+LOSS_D_DEFAULTS = 'tests/test_loss.py::test_D_loss_with_the_default_weights_and_its_gradients'
+PROCESS_REALS = 'tests/test_process_reals.py::test_process_reals_matches_the_reference'
+TWO_TOWERS = 'tests/test_training_graph.py::test_two_towers_step_like_one'
+
+MUTANTS = [
+    Mutant('gp-weight', 'loss.py',
+           'wgan_lambda=10.0,', 'wgan_lambda=1.0,',
+           [LOSS_D_DEFAULTS]),
+    Mutant('drift-removed', 'loss.py',
+           'loss += epsilon_penalty * wgan_epsilon', 'loss += 0 * epsilon_penalty',
+           [LOSS_D_DEFAULTS]),
+    Mutant('D-label-sign', 'loss.py',
+           'loss += (label_penalty_reals + label_penalty_fakes)', 'loss -= (label_penalty_reals + label_penalty_fakes)',
+           [LOSS_D_DEFAULTS]),
+    Mutant('G-label-sign', 'loss.py',
+           'loss += label_penalty_fakes[:, np.newaxis] * cond_weight',
+           'loss -= label_penalty_fakes[:, np.newaxis] * cond_weight',
+           ['tests/test_loss.py::test_G_loss_and_its_gradients']),
+    Mutant('fade-reversed', 'train.py',
+           'x = tfutil.lerp(x, y, lod - tf.floor(lod))', 'x = tfutil.lerp(y, x, lod - tf.floor(lod))',
+           [PROCESS_REALS]),
+    Mutant('mirror-never-keeps', 'train.py',
+           'x = tf.where(mask < 0.5, x, tf.reverse(x, axis=[3]))', 'x = tf.where(mask < 0.0, x, tf.reverse(x, axis=[3]))',
+           [PROCESS_REALS]),
+    Mutant('mbstd-groups-consecutive', 'networks.py',   # groups of consecutive samples, not every (N/G)th
+           'y = tf.reshape(x, [group_size, -1, h, w, c])',
+           'y = tf.transpose(tf.reshape(x, [-1, group_size, h, w, c]), [1, 0, 2, 3, 4])',
+           ['tests/test_legacy_pickles.py::test_legacy_pickle_matches_numpy_reference']),
+    Mutant('wscale-conv-gain', 'networks.py',
+           'def conv2d(x, fmaps, kernel, gain=np.sqrt(2), use_wscale=False):',
+           'def conv2d(x, fmaps, kernel, gain=1, use_wscale=False):',
+           ['tests/test_networks.py::test_pixelnorm_and_wscale_switches_change_the_network']),
+    Mutant('gs-beta-ignored', 'train.py',
+           'Gs.setup_as_moving_average_of(G, beta=G_smoothing)', 'Gs.setup_as_moving_average_of(G)',
+           [TWO_TOWERS]),
+    Mutant('gs-average-copies', 'tfutil.py',
+           'var.assign(lerp(src_net.vars[name], var, cur_beta))', 'var.assign(src_net.vars[name])',
+           [TWO_TOWERS]),
+    Mutant('loss-scale-kept-on-overflow', 'tfutil.py',
+           'lambda: tf.group(tf.assign_sub(ls_var, self.loss_scaling_dec))', 'lambda: tf.group()',
+           ['tests/test_tfutil.py::test_nonfinite_gradients_are_skipped_and_lower_the_loss_scale']),
+    Mutant('tower-on-first-device', 'train.py',
+           "with tf.name_scope('GPU%d' % gpu), tf.device(device):",
+           "with tf.name_scope('GPU%d' % gpu), tf.device(devices[0]):",
+           ['tests/test_training_graph.py::test_each_tower_sits_on_its_device']),
+    Mutant('augment-skipped-in-towers', 'train.py',
+           'reals_gpu = augment_reals(training_set, reals_split[gpu])', 'reals_gpu = reals_split[gpu]',
+           ['tests/test_augment.py::test_training_graph_augments_on_each_device']),
+    Mutant('tissue-mask-inverted', 'wsi.py',
+           'tissue = grey < threshold', 'tissue = grey >= threshold',
+           ['tests/test_wsi.py::test_blank_slide_gets_no_tissue_where_plain_otsu_would_find_half']),
+    Mutant('lod-field-of-view-halved', 'wsi.py',
+           'self._random_centre(slide, rng), self.field_of_view, size)',
+           'self._random_centre(slide, rng), self.field_of_view >> (size < self.resolution), size)',
+           ['tests/test_wsi.py::test_sampler_patches_cover_the_same_field_of_view_at_every_lod']),
+    Mutant('read-ahead-not-cancelled', 'wsi.py',
+           'for job in jobs if not job.cancel()]', 'for job in jobs if job.running()]',
+           ['tests/test_wsi.py::test_batches_read_ahead_a_bounded_amount_and_stop_cleanly']),
+    Mutant('fast-read-path-lost', 'wsi.py',
+           "osr = getattr(handle, '_osr', None)", "osr = getattr(handle, '_osr_handle', None)",
+           ['tests/test_wsi.py::test_sampler_reads_through_the_fast_path']),
+]
+
+
+def copy_with(mutant, folder):
+    """Copy the checkout into folder with the mutant applied; the problem as text, or None."""
+    with open(os.path.join(CHECKOUT, mutant.file), encoding='utf-8') as f:
+        text = f.read()
+    count = text.count(mutant.old)
+    if count != 1:
+        return 'PATTERN NOT FOUND' if count == 0 else f'PATTERN FOUND {count} TIMES'
+    shutil.copytree(CHECKOUT, folder, ignore=NOT_COPIED)
+    with open(os.path.join(folder, mutant.file), 'w', encoding='utf-8') as f:
+        f.write(text.replace(mutant.old, mutant.new))
+    return None
+
+
+def first_failure(folder, tests):
+    """The first of tests that fails in folder (None: all pass), and the pytest output."""
+    command = [sys.executable, '-m', 'pytest', '-x', '-q', '-rfE', '-p', 'no:cacheprovider', *tests]
+    try:
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
+                                check=False)     # a failing test is the outcome looked for
+    except subprocess.TimeoutExpired:
+        return f'(a timeout after {TIMEOUT_SECONDS} s)', ''
+    if result.returncode == 0:
+        return None, result.stdout
+    match = re.search(r'^(?:FAILED|ERROR) (\S+)', result.stdout, re.MULTILINE)
+    return (match.group(1) if match else f'(pytest exit status {result.returncode})'), result.stdout
+
+
+def baseline_passes(mutants):
+    """Run the chosen mutants' tests on an unchanged copy: a test failing there catches nothing."""
+    tests = list(dict.fromkeys(test for m in mutants for test in m.tests))
+    with tempfile.TemporaryDirectory(prefix='mutant-baseline-') as tmp:
+        folder = os.path.join(tmp, 'checkout')
+        shutil.copytree(CHECKOUT, folder, ignore=NOT_COPIED)
+        command = [sys.executable, '-m', 'pytest', '-q', '-rfE', '-p', 'no:cacheprovider', *tests]
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        print('baseline  passes', flush=True)
+        return True
+    failures = re.findall(r'^(?:FAILED|ERROR) (\S+)', result.stdout, re.MULTILINE)
+    print('baseline  FAILS:', ' '.join(failures) or result.stdout[-2000:], flush=True)
+    return False
+
+
+def run_mutant(mutant, verbose=False):
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix=f'mutant-{mutant.name}-') as tmp:
+        folder = os.path.join(tmp, 'checkout')
+        problem = copy_with(mutant, folder)
+        if problem:
+            print(f'{problem:9s} {mutant.name:30s} in {mutant.file}: {mutant.old!r}', flush=True)
+            return False
+        failed, output = first_failure(folder, mutant.tests)
+    seconds = time.time() - start
+    if failed is None:
+        print(f'MISSED    {mutant.name:30s} ({seconds:.0f} s; tests: {" ".join(mutant.tests)})', flush=True)
+    else:
+        print(f'caught    {mutant.name:30s} by {failed} ({seconds:.0f} s)', flush=True)
+    if verbose:
+        print(output[-3000:])
+    return failed is not None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('names', nargs='*', help='mutants to run (default: all)')
+    parser.add_argument('--list', action='store_true', help='list the mutants and exit')
+    parser.add_argument('--verbose', action='store_true', help="show the end of each run's pytest output")
+    parser.add_argument('--baseline', action='store_true', help="first run the mutants' tests on the code as it is")
+    args = parser.parse_args()
+    by_name = {m.name: m for m in MUTANTS}
+    if args.list:
+        for m in MUTANTS:
+            print(f'{m.name:30s} {m.file:12s} {" ".join(m.tests)}')
+        return 0
+    unknown = [name for name in args.names if name not in by_name]
+    if unknown:
+        parser.error(f'unknown mutant(s) {", ".join(unknown)}; --list shows them')
+    chosen = [by_name[name] for name in args.names] if args.names else MUTANTS
+    if args.baseline and not baseline_passes(chosen):
+        return 1
+    caught = [run_mutant(m, args.verbose) for m in chosen]
+    return 0 if all(caught) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
