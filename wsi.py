@@ -56,7 +56,7 @@ def find_slides(slide_dir, wsi_ext='.svs', recursive=False):
     exts = [wsi_ext] if isinstance(wsi_ext, str) else list(wsi_ext)
     exts = tuple(e.lower() if e.startswith('.') else '.' + e.lower() for e in exts)
     paths = []
-    for root, dirs, files in os.walk(slide_dir):
+    for root, _dirs, files in os.walk(slide_dir):
         paths += [os.path.join(root, f) for f in files if f.lower().endswith(exts)]
         if not recursive:
             break

@@ -414,7 +414,7 @@ def test_no_usable_slide_raises_one_error_listing_each_file_and_why(tmp_path, ma
     text = str(error.value)
     for name, reason in [('blank.svs', 'no tissue'), ('tiny.svs', 'field of view'),
                          ('garbage.svs', 'cannot open'), ('unreadable.svs', 'failed')]:
-        line = next((l for l in text.splitlines() if name in l), '')
+        line = next((row for row in text.splitlines() if name in row), '')
         assert reason in line, (name, text)
 
 
