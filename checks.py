@@ -38,13 +38,24 @@ def preflight(argv):
     try:
         if len(argv) == 2:
             load_config_file(argv[1])
-        train = dict(getattr(config, 'train', {}))
-        if train.get('func') != 'train.train_progressive_gan':
-            return
+        if train_func(config) != 'train.train_progressive_gan':
+            return      # Utility scripts check their own arguments.
+        train = dict(config.train)
         os.environ.update(getattr(config, 'env', {}))
         validate_training_setup(train.get('resume_run_id'), train.get('resume_snapshot'), gpu_counter=count_gpus_without_tf)
     except ConfigError as error:
         sys.exit('Configuration error: %s' % error)
+
+
+def train_func(cfg):
+    """The name of the function config.train asks train.py to run."""
+    train = getattr(cfg, 'train', None)
+    func = train.get('func') if isinstance(train, dict) else None
+    if not func:
+        raise ConfigError("config.train does not say what to run: add func='train.train_progressive_gan' to "
+                          "train = EasyDict(...) in config.py to train, or the name of a utility script, "
+                          "e.g. func='util_scripts.generate_fake_images'")
+    return func
 
 
 def count_gpus_without_tf():
@@ -125,7 +136,7 @@ def check_gpus(num_gpus, available):
 
 def check_resume(resume_run_id, resume_snapshot):
     if resume_run_id is None or resume_run_id == 'latest':
-        return      # 'latest' with nothing to resume starts from scratch (train.locate_resume_pkl).
+        return      # 'latest' with nothing to resume starts from scratch (snapshots.locate_resume_pkl).
     try:
         misc.locate_network_pkl(resume_run_id, resume_snapshot)
     except IOError as error:
@@ -175,7 +186,8 @@ def check_dataset(dataset_kwargs, data_dir):
 
 def estimate_snapshot_bytes(dataset_kwargs, G_kwargs, D_kwargs):
     """Bytes of one network-snapshot pkl (G, D, Gs) plus its optimizer state (two Adam slots per
-    trainable), from the feature-map settings, without building the networks."""
+    trainable), from the feature-map settings, without building the networks. Counts the weights
+    of networks.G_paper / D_paper with fused_scale (biases and labels are too few to matter)."""
     resolution = int(dataset_kwargs.get('resolution') or 1024)     # TFRecord: unknown before reading; assume large.
     channels = int(dataset_kwargs.get('num_channels', 3))
     res_log2 = int(np.log2(max(resolution, 4)))
@@ -184,16 +196,22 @@ def estimate_snapshot_bytes(dataset_kwargs, G_kwargs, D_kwargs):
         base, decay, fmax = kwargs.get('fmap_base', 8192), kwargs.get('fmap_decay', 1.0), kwargs.get('fmap_max', 512)
         return lambda stage: min(int(base / (2.0 ** (stage * decay))), fmax)
 
+    # G: 4x4 Dense latent -> 16 * nf(1) and 3x3 Conv; per doubling a 3x3 Conv0_up nf(r-2) -> nf(r-1)
+    # and a 3x3 Conv1; a 1x1 ToRGB per resolution.
     nf = nf_func(G_kwargs)
     latent = G_kwargs.get('latent_size') or nf(0)
     g = latent * nf(1) * 16 + 9 * nf(1) ** 2 + nf(1) * channels
     for res in range(3, res_log2 + 1):
         g += 9 * nf(res - 1) * nf(res - 2) + 9 * nf(res - 1) ** 2 + nf(res - 1) * channels
+    # D: a 1x1 FromRGB per resolution; per doubling a 3x3 Conv0 and a 3x3 Conv1_down nf(r-1) -> nf(r-2);
+    # at 4x4 a 3x3 Conv over nf(1) + 1 maps (the minibatch-stddev map), Dense0 to nf(0), Dense1 to 1 score.
     nf = nf_func(D_kwargs)
     d = channels * nf(1) + 9 * (nf(1) + 1) * nf(1) + nf(1) * 16 * nf(0) + nf(0)
     for res in range(3, res_log2 + 1):
         d += channels * nf(res - 1) + 9 * nf(res - 1) ** 2 + 9 * nf(res - 1) * nf(res - 2)
-    return 4 * (3 * g + 3 * d)      # float32: G, Gs, D in the pkl, plus 2 slots per weight of G and D.
+    pickled = 2 * g + d         # G, D and Gs.
+    adam_slots = 2 * (g + d)    # Two moments per weight of G and D.
+    return 4 * (pickled + adam_slots)       # float32.
 
 
 def check_disk_space(result_dir, dataset_kwargs, G_kwargs, D_kwargs):

@@ -1,10 +1,9 @@
-"""Helpers without TensorFlow graph code: pickles, images, logging, result directories."""
+"""Helpers without TensorFlow graph code: pickles, images, logging, result directories, the tick line."""
 
 import collections
 import glob
 import hashlib
 import io
-import json
 import os
 import pickle
 import re
@@ -43,26 +42,20 @@ def pkl_bytes(obj):
     return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def file_sha256(filename):
-    digest = hashlib.sha256()
-    with open(filename, 'rb') as file:
-        for block in iter(lambda: file.read(1 << 22), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def atomic_write_bytes(filename, data):
-    tmp_name = '%s.tmp-%d' % (filename, os.getpid())
+    """Write `data` to a temporary file beside `filename`, sync it and rename it into place: other
+    processes, and the disk after a crash, see the old file or the complete new one."""
+    partial = '%s.tmp-%d' % (filename, os.getpid())
     try:
-        with open(tmp_name, 'wb') as file:
+        with open(partial, 'wb') as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp_name, filename)
+        os.replace(partial, filename)
         _fsync_dir(os.path.dirname(os.path.abspath(filename)))
     finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def _fsync_dir(dirname):
@@ -80,140 +73,79 @@ def _fsync_dir(dirname):
 
 
 # ----------------------------------------------------------------------------
-# Resume state: resume-state.json beside the snapshots names the snapshot it belongs to (with
-# the SHA-256 of its bytes), the exact progress (images shown, wall time, tick, LOD), the
-# numpy random state, and the .npz holding the optimizer state (Adam slots, loss scaling).
-# Its top level describes the newest snapshot and is written just before that pickle; 'previous'
-# holds the one before, so the newest pickle on disk always has its entry, even when a kill falls
-# between the json and the pickle (snapshot names repeat when ticks are shorter than 1 kimg).
-# Older snapshots resume as before: kimg from the name, time from the log.
-
-RESUME_STATE_FILE = 'resume-state.json'
-
-
-def optimizer_state_name(cur_nimg):
-    return 'optimizer-state-%09d.npz' % cur_nimg
-
-
-def save_npz(filename, arrays):
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(filename, buffer.getvalue())
-
-
-def save_resume_state(result_subdir, state):
-    """Write resume-state.json atomically (after its snapshot and optimizer state are on disk)."""
-    data = json.dumps(state, indent=1, sort_keys=True).encode('utf-8')
-    atomic_write_bytes(os.path.join(result_subdir, RESUME_STATE_FILE), data)
-
-
-def read_resume_state(result_subdir):
-    try:
-        with open(os.path.join(result_subdir, RESUME_STATE_FILE), 'rt', encoding='utf-8') as file:
-            state = json.load(file)
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def resume_state_entries(state):
-    """The newest snapshot's entry, then the older ones."""
-    if state is None:
-        return []
-    newest = {k: v for k, v in state.items() if k != 'previous'}
-    return [newest] + list(state.get('previous', []))
-
-
-def load_resume_state(network_pkl):
-    """The resume state saved with this very pickle (same name and bytes), or None."""
-    entries = resume_state_entries(read_resume_state(os.path.dirname(network_pkl)))
-    entries = [e for e in entries if e.get('snapshot') == os.path.basename(network_pkl)]
-    if not entries:
-        return None
-    sha256 = file_sha256(network_pkl)
-    for entry in entries:
-        if entry.get('snapshot_sha256') == sha256:
-            return entry
-    return None
-
-
-def encode_random_state(state):
-    kind, keys, pos, has_gauss, cached_gaussian = state
-    return [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached_gaussian)]
-
-
-def decode_random_state(state):
-    kind, keys, pos, has_gauss, cached_gaussian = state
-    return (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian)
-
-
-# ----------------------------------------------------------------------------
 # Images.
 
 
 def adjust_dynamic_range(data, drange_in, drange_out):
-    """Map data linearly from drange_in to drange_out (numpy arrays and TF tensors alike)."""
-    if drange_in != drange_out:
-        scale = (np.float32(drange_out[1]) - np.float32(drange_out[0])) / (
-            np.float32(drange_in[1]) - np.float32(drange_in[0]))
-        bias = np.float32(drange_out[0]) - np.float32(drange_in[0]) * scale
-        data = data * scale + bias
-    return data
+    """Map data linearly from drange_in to drange_out (numpy arrays and TF tensors alike). The
+    factors are float32 so that TF tensors keep their dtype."""
+    if drange_in == drange_out:
+        return data
+    low_in, high_in = np.float32(drange_in[0]), np.float32(drange_in[1])
+    low_out, high_out = np.float32(drange_out[0]), np.float32(drange_out[1])
+    scale = (high_out - low_out) / (high_in - low_in)
+    offset = low_out - low_in * scale
+    return data * scale + offset
 
 
 def create_image_grid(images, grid_size=None):
-    """Tile NCHW (or NHW) images into one CHW image, row by row."""
-    assert images.ndim == 3 or images.ndim == 4
-    num, img_w, img_h = images.shape[0], images.shape[-1], images.shape[-2]
-    if grid_size is not None:
-        grid_w, grid_h = tuple(grid_size)
-    else:
-        grid_w = max(int(np.ceil(np.sqrt(num))), 1)
-        grid_h = max((num - 1) // grid_w + 1, 1)
-    grid = np.zeros(list(images.shape[1:-2]) + [grid_h * img_h, grid_w * img_w], dtype=images.dtype)
-    for idx in range(min(num, grid_w * grid_h)):
-        x = (idx % grid_w) * img_w
-        y = (idx // grid_w) * img_h
-        grid[..., y:y + img_h, x:x + img_w] = images[idx]
-    return grid
+    """Tile N images (NCHW or NHW) into one (CHW or HW) image, row by row, left to right. Without a
+    grid_size the grid is as square as possible; cells without an image stay zero."""
+    if images.ndim not in (3, 4):
+        raise ValueError('create_image_grid takes NCHW or NHW images, not an array of shape %s' % (images.shape,))
+    count = images.shape[0]
+    cell_h, cell_w = images.shape[-2:]
+    columns, rows = tuple(grid_size) if grid_size is not None else _square_grid(count)
+    canvas = np.zeros(list(images.shape[1:-2]) + [rows * cell_h, columns * cell_w], dtype=images.dtype)
+    for index, image in enumerate(images[:columns * rows]):
+        top, left = (index // columns) * cell_h, (index % columns) * cell_w
+        canvas[..., top:top + cell_h, left:left + cell_w] = image
+    return canvas
+
+
+def _square_grid(count):
+    columns = max(int(np.ceil(np.sqrt(count))), 1)
+    rows = max((count + columns - 1) // columns, 1)
+    return columns, rows
 
 
 def convert_to_pil_image(image, drange=[0, 1]):
-    """A CHW (or HW) image in drange as a PIL image."""
-    assert image.ndim == 2 or image.ndim == 3
+    """A CHW (or HW) image in drange as a PIL image; one channel gives a greyscale image."""
+    if image.ndim not in (2, 3):
+        raise ValueError('convert_to_pil_image takes a CHW or HW image, not an array of shape %s' % (image.shape,))
     if image.ndim == 3:
-        if image.shape[0] == 1:
-            image = image[0]
-        else:
-            image = image.transpose(1, 2, 0)
-    image = adjust_dynamic_range(image, drange, [0, 255])
-    image = np.rint(image).clip(0, 255).astype(np.uint8)
-    return PIL.Image.fromarray(image, 'RGB' if image.ndim == 3 else 'L')
+        image = image[0] if image.shape[0] == 1 else np.transpose(image, [1, 2, 0])    # PIL wants HWC.
+    pixels = np.clip(np.rint(adjust_dynamic_range(image, drange, [0, 255])), 0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(pixels, 'RGB' if pixels.ndim == 3 else 'L')
 
 
 def save_image(image, filename, drange=[0, 1], quality=95):
-    img = convert_to_pil_image(image, drange)
+    """Save one CHW image; the format follows the file name (JPEG at `quality` for .jpg)."""
+    pil_image = convert_to_pil_image(image, drange)
     if '.jpg' in filename:
-        img.save(filename, 'JPEG', quality=quality, optimize=True)
+        pil_image.save(filename, 'JPEG', quality=quality, optimize=True)
     else:
-        img.save(filename)
+        pil_image.save(filename)
 
 
 def save_image_grid(images, filename, drange=[0, 1], grid_size=None):
-    convert_to_pil_image(create_image_grid(images, grid_size), drange).save(filename)
+    grid = create_image_grid(images, grid_size)
+    convert_to_pil_image(grid, drange).save(filename)
 
 
 # ----------------------------------------------------------------------------
-# Logging: everything printed also goes to log.txt of the run.
+# Logging: everything printed also goes to log.txt of the run. Output before the run directory
+# exists is kept in memory and written at the top of log.txt once it does.
 
 
 class OutputLogger:
     def __init__(self):
         self.file = None
-        self.buffer = io.StringIO()
+        self.buffer = io.StringIO()     # Until set_log_file; then None.
 
     def set_log_file(self, filename, mode='wt'):
-        assert self.file is None
+        if self.file is not None:
+            raise RuntimeError('The output log already goes to %s' % self.file.name)
         self.file = open(filename, mode, encoding='utf-8')
         if self.buffer is not None:
             self.file.write(self.buffer.getvalue())
@@ -237,19 +169,21 @@ class OutputLogger:
 
 
 class TeeOutputStream:
+    """A stream that writes everything to several streams (the console and the OutputLogger)."""
+
     def __init__(self, child_streams, autoflush=False):
         self.child_streams = child_streams
         self.autoflush = autoflush
 
     def write(self, data):
-        for stream in self.child_streams:
-            stream.write(data)
+        for target in self.child_streams:
+            target.write(data)
         if self.autoflush:
             self.flush()
 
     def flush(self):
-        for stream in self.child_streams:
-            stream.flush()
+        for target in self.child_streams:
+            target.flush()
 
     def isatty(self):
         return False
@@ -261,15 +195,19 @@ output_logger = None
 def init_output_logging():
     """Start buffering stdout/stderr so that set_output_log_file() can save all of it."""
     global output_logger
-    if output_logger is None:
-        output_logger = OutputLogger()
-        sys.stdout = TeeOutputStream([sys.stdout, output_logger], autoflush=True)
-        sys.stderr = TeeOutputStream([sys.stderr, output_logger], autoflush=True)
+    if output_logger is not None:
+        return
+    output_logger = OutputLogger()
+    console_out, console_err = sys.stdout, sys.stderr
+    sys.stdout = TeeOutputStream([console_out, output_logger], autoflush=True)
+    sys.stderr = TeeOutputStream([console_err, output_logger], autoflush=True)
 
 
 def set_output_log_file(filename, mode='wt'):
-    if output_logger is not None:
-        output_logger.set_log_file(filename, mode)
+    """Send the logged output (so far and from now on) to `filename`; no-op without init_output_logging."""
+    if output_logger is None:
+        return
+    output_logger.set_log_file(filename, mode)
 
 
 # ----------------------------------------------------------------------------
@@ -282,19 +220,23 @@ def create_result_subdir(result_dir, desc):
     exclusive lock on result_dir, and mkdir refuses an existing name."""
     os.makedirs(result_dir, exist_ok=True)
     with _result_dir_lock(result_dir):
-        while True:
-            run_id = max(existing_run_ids(result_dir), default=-1) + 1
-            result_subdir = os.path.join(result_dir, '%03d-%s' % (run_id, desc))
-            try:
-                os.mkdir(result_subdir)
-                break
-            except FileExistsError:
-                continue
-    set_output_log_file(os.path.join(result_subdir, 'log.txt'))
+        run_dir = _make_next_run_dir(result_dir, desc)
+    set_output_log_file(os.path.join(run_dir, 'log.txt'))
     config_file = getattr(config, '__file__', None)
     if config_file and os.path.isfile(config_file):
-        shutil.copyfile(config_file, os.path.join(result_subdir, 'config.py'))
-    return result_subdir
+        shutil.copyfile(config_file, os.path.join(run_dir, 'config.py'))     # What this run was started with.
+    return run_dir
+
+
+def _make_next_run_dir(result_dir, desc):
+    while True:
+        number = max(existing_run_ids(result_dir), default=-1) + 1
+        run_dir = os.path.join(result_dir, '%03d-%s' % (number, desc))
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:     # Taken by a process that does not hold the lock; try the next number.
+            continue
 
 
 class _result_dir_lock:
@@ -323,106 +265,111 @@ class _result_dir_lock:
 
 
 def existing_run_ids(result_dir):
-    ids = []
-    for name in os.listdir(result_dir) if os.path.isdir(result_dir) else []:
-        match = re.match(r'^(\d+)-', name)
-        if match and os.path.isdir(os.path.join(result_dir, name)):
-            ids.append(int(match.group(1)))
-    return ids
+    """The numbers of the run directories (NNN-desc) in result_dir."""
+    if not os.path.isdir(result_dir):
+        return []
+    numbers = []
+    for name in os.listdir(result_dir):
+        prefix = re.match(r'^(\d+)-', name)
+        if prefix and os.path.isdir(os.path.join(result_dir, name)):
+            numbers.append(int(prefix.group(1)))
+    return numbers
 
 
 def format_time(seconds):
-    s = int(np.rint(seconds))
-    if s < 60:
-        return '%ds' % s
-    if s < 60 * 60:
-        return '%dm %02ds' % (s // 60, s % 60)
-    if s < 24 * 60 * 60:
-        return '%dh %02dm %02ds' % (s // (60 * 60), (s // 60) % 60, s % 60)
-    return '%dd %02dh %02dm' % (s // (24 * 60 * 60), (s // (60 * 60)) % 24, (s // 60) % 60)
+    """A duration as the tick line shows it: '42s', '3m 05s', '2h 03m 05s', '1d 02h 03m'."""
+    total = int(np.rint(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if total < 60:
+        return '%ds' % total
+    if total < 3600:
+        return '%dm %02ds' % (minutes, secs)
+    if total < 86400:
+        return '%dh %02dm %02ds' % (hours, minutes, secs)
+    return '%dd %02dh %02dm' % (days, hours, minutes)
+
+
+def parse_time(text):
+    """Inverse of format_time."""
+    units = {'d': 86400, 'h': 3600, 'm': 60, 's': 1}
+    return float(sum(int(num) * units[unit] for num, unit in re.findall(r'(\d+)([dhms])', text)))
 
 
 def locate_result_subdir(run_id_or_result_subdir):
-    """A run directory from a directory path, a run id (23 or '023'), or 'latest'."""
-    if isinstance(run_id_or_result_subdir, str) and os.path.isdir(run_id_or_result_subdir):
-        return run_id_or_result_subdir
-    if run_id_or_result_subdir == 'latest':
-        return _latest_run_with_snapshot()
-    searchdirs = ['', 'results', 'networks']
-    for searchdir in searchdirs:
-        base = config.result_dir if searchdir == '' else os.path.join(config.result_dir, searchdir)
-        pattern = os.path.join(base, str(run_id_or_result_subdir))
-        if os.path.isdir(pattern):
-            return pattern
-        if isinstance(run_id_or_result_subdir, int) or str(run_id_or_result_subdir).isdigit():
-            prefix = '%03d' % int(run_id_or_result_subdir)
-            dirs = sorted(glob.glob(os.path.join(base, prefix + '-*')))
-            dirs = [d for d in dirs if os.path.isdir(d)]
-            if len(dirs) == 1:
-                return dirs[0]
+    """A run directory from a directory path or a run id (23 or '023'), looked up under
+    config.result_dir and its subfolders results/ and networks/."""
+    run = run_id_or_result_subdir
+    if isinstance(run, str) and os.path.isdir(run):
+        return run
+    for base in [config.result_dir, os.path.join(config.result_dir, 'results'), os.path.join(config.result_dir, 'networks')]:
+        found = _run_dir_in(base, run)
+        if found is not None:
+            return found
     raise IOError('Cannot locate result subdir for run %r under "%s"; runs there: %s' % (
-        run_id_or_result_subdir, config.result_dir, ', '.join(list_runs()) or 'none'))
+        run, config.result_dir, ', '.join(list_runs()) or 'none'))
 
 
-def list_runs():
-    if not os.path.isdir(config.result_dir):
+def _run_dir_in(base, run):
+    """The directory named `run` in base, or the only NNN-* directory there for a run number."""
+    named = os.path.join(base, str(run))
+    if os.path.isdir(named):
+        return named
+    if isinstance(run, int) or str(run).isdigit():
+        numbered = [d for d in sorted(glob.glob(os.path.join(base, '%03d-*' % int(run)))) if os.path.isdir(d)]
+        if len(numbered) == 1:
+            return numbered[0]
+    return None
+
+
+def list_runs(result_dir=None):
+    """Names of the NNN-desc entries in result_dir (default config.result_dir), sorted."""
+    result_dir = config.result_dir if result_dir is None else result_dir
+    if not os.path.isdir(result_dir):
         return []
-    return sorted(name for name in os.listdir(config.result_dir) if re.match(r'^\d+-', name))
-
-
-def _latest_run_with_snapshot():
-    for name in sorted(list_runs(), key=lambda n: int(n.split('-')[0]), reverse=True):
-        subdir = os.path.join(config.result_dir, name)
-        if list_network_pkls(subdir):
-            return subdir
-    raise NoRunToResume('resume_run_id="latest": no run with a network snapshot under "%s"' % config.result_dir)
-
-
-class NoRunToResume(IOError):
-    """resume_run_id='latest' and no run has a snapshot yet."""
+    return sorted(name for name in os.listdir(result_dir) if re.match(r'^\d+-', name))
 
 
 def list_network_pkls(run_id_or_result_subdir, include_final=True):
     """The run's snapshots, oldest first (network-final.pkl last if asked for)."""
-    result_subdir = locate_result_subdir(run_id_or_result_subdir)
-    pkls = sorted(glob.glob(os.path.join(result_subdir, 'network-snapshot-*.pkl')))
-    if include_final:
-        final = os.path.join(result_subdir, 'network-final.pkl')
-        if os.path.isfile(final):
-            pkls.append(final)
-    return pkls
+    run_dir = locate_result_subdir(run_id_or_result_subdir)
+    found = sorted(glob.glob(os.path.join(run_dir, 'network-snapshot-*.pkl')))
+    final = os.path.join(run_dir, 'network-final.pkl')
+    if include_final and os.path.isfile(final):
+        found.append(final)
+    return found
 
 
 def locate_network_pkl(run_id_or_result_subdir_or_network_pkl, snapshot_or_network_pkl=None):
     """A network pickle from a pkl path, or a run plus a snapshot (kimg index, path, or None = latest)."""
-    for candidate in [snapshot_or_network_pkl, run_id_or_result_subdir_or_network_pkl]:
-        if isinstance(candidate, str) and os.path.isfile(candidate):
-            return candidate
-    pkls = list_network_pkls(run_id_or_result_subdir_or_network_pkl)
-    if len(pkls) >= 1 and snapshot_or_network_pkl is None:
-        return pkls[-1]
-    for pkl in pkls:
-        try:
-            name = os.path.splitext(os.path.basename(pkl))[0]
-            if int(name.split('-')[-1]) == snapshot_or_network_pkl:
-                return pkl
-        except ValueError:
-            pass
+    run, snapshot = run_id_or_result_subdir_or_network_pkl, snapshot_or_network_pkl
+    for given in [snapshot, run]:
+        if isinstance(given, str) and os.path.isfile(given):
+            return given
+    candidates = list_network_pkls(run)
+    if snapshot is None and candidates:
+        return candidates[-1]
+    for path in candidates:
+        if _pkl_number(path) == snapshot:
+            return path
     raise IOError('Cannot locate network pkl for run %r, snapshot %r; snapshots there: %s' % (
-        run_id_or_result_subdir_or_network_pkl, snapshot_or_network_pkl,
-        ', '.join(os.path.basename(p) for p in pkls) or 'none'))
+        run, snapshot, ', '.join(os.path.basename(path) for path in candidates) or 'none'))
 
 
-def snapshot_kimg(network_pkl):
-    """The kimg a pickle was saved at: from a snapshot's name (network-snapshot-001657.pkl -> 1657),
-    or for network-final.pkl from the last tick of its run's log; None if neither tells."""
-    match = re.search(r'network-snapshot-(\d+)\.pkl$', os.path.basename(network_pkl))
-    if match:
-        return int(match.group(1))
-    if os.path.basename(network_pkl) == 'network-final.pkl':
-        ticks = read_tick_lines(os.path.dirname(network_pkl))
-        return ticks[-1].kimg if ticks else None
-    return None
+def _pkl_number(path):
+    """The number a pickle's name ends with (network-snapshot-000140.pkl -> 140), or None."""
+    last_part = os.path.splitext(os.path.basename(path))[0].rsplit('-', 1)[-1]
+    try:
+        return int(last_part)
+    except ValueError:
+        return None
+
+
+def get_id_string_for_network_pkl(network_pkl):
+    """'<run dir>-<pickle name>' (e.g. '023-demo-network-final'), for naming files made from it."""
+    parts = network_pkl.replace('.pkl', '').replace('\\', '/').split('/')
+    return '-'.join(parts[-2:])
 
 
 # ----------------------------------------------------------------------------
@@ -462,23 +409,6 @@ def read_tick_lines(result_subdir):
         return []
     with open(log_file, 'rt', encoding='utf-8', errors='replace') as file:
         return [tick for tick in map(parse_tick_line, file) if tick is not None]
-
-
-def get_id_string_for_network_pkl(network_pkl):
-    p = network_pkl.replace('.pkl', '').replace('\\', '/').split('/')
-    return '-'.join(p[max(len(p) - 2, 0):])
-
-
-def resume_time_from_log(result_subdir, kimg):
-    """Training time in seconds at the last tick up to `kimg` (snapshot names round kimg down)."""
-    times = [tick.total_sec for tick in read_tick_lines(result_subdir) if tick.kimg < kimg + 1]
-    return times[-1] if times else None
-
-
-def parse_time(text):
-    """Inverse of format_time."""
-    units = {'d': 86400, 'h': 3600, 'm': 60, 's': 1}
-    return float(sum(int(num) * units[unit] for num, unit in re.findall(r'(\d+)([dhms])', text)))
 
 
 # ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import checks
 import dataset_tool
 import misc
 import tfutil
+from snapshots import file_sha256, load_resume_state
 from survival_helpers import log_text, resume_state, resumed_from, snapshots, start_train, wait_for
 from train_helpers import REPO, run_dirs, run_train, tick_lines, write_config
 
@@ -89,7 +90,7 @@ def test_sigkill_at_random_moments_then_the_same_command_finishes(data8, tmp_pat
     for d in dirs:      # resume-state.json is never torn, and the newest pickle of a run has its exact entry.
         if snapshots(d):
             pkl = misc.list_network_pkls(d)[-1]
-            entry = misc.load_resume_state(pkl)
+            entry = load_resume_state(pkl)
             assert entry is not None and entry['snapshot'] == os.path.basename(pkl), pkl
 
     # kimg carries on: each restart resumes from the newest snapshot of an earlier run, at a kimg at
@@ -106,7 +107,7 @@ def test_sigkill_at_random_moments_then_the_same_command_finishes(data8, tmp_pat
             assert source in dirs[:i]
             assert exact is not None, 'run %s resumed without its resume state' % d
             resume = exact
-            assert resume == misc.load_resume_state(pkl)['kimg']
+            assert resume == load_resume_state(pkl)['kimg']
             assert resume >= last_resume
             assert resume <= max(k for k, _ in tick_lines(source)) + 0.05
         assert ticks == sorted(ticks) and all(k > resume for k in ticks)
@@ -144,7 +145,7 @@ def test_sigterm_writes_a_loadable_snapshot_of_the_current_kimg(data8, tmp_path,
     assert '%s at kimg %.3f (tick %d' % (signal.Signals(signum).name, state['kimg'], state['tick']) in log_text(run_dir)
     assert state['snapshot'] == 'network-snapshot-%06d.pkl' % (state['cur_nimg'] // 1000)
     G, D, Gs = misc.load_pkl(os.path.join(run_dir, state['snapshot']))
-    assert misc.file_sha256(os.path.join(run_dir, state['snapshot'])) == state['snapshot_sha256']
+    assert file_sha256(os.path.join(run_dir, state['snapshot'])) == state['snapshot_sha256']
     assert not os.path.isfile(os.path.join(run_dir, '_training-done.txt'))
 
 
@@ -171,7 +172,7 @@ def test_persistent_nan_stops_the_run_and_keeps_the_last_good_snapshot(data8, tm
     assert 'The last good snapshot is network-snapshot-000000.pkl' in output
     # Only the good snapshot (tick 2, kimg 0.512) exists, with its exact state; nothing final.
     assert [os.path.basename(p) for p in snapshots(run_dir)] == ['network-snapshot-000000.pkl']
-    entry = misc.load_resume_state(snapshots(run_dir)[0])
+    entry = load_resume_state(snapshots(run_dir)[0])
     assert entry is not None and entry['cur_nimg'] == 512 and entry['tick'] == 2
     G, D, Gs = misc.load_pkl(snapshots(run_dir)[0])
     values = tfutil.run(list(D.vars.values()))
