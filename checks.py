@@ -141,7 +141,7 @@ def check_resume(resume_run_id, resume_snapshot):
         misc.locate_network_pkl(resume_run_id, resume_snapshot)
     except IOError as error:
         raise ConfigError('resume_run_id=%r, resume_snapshot=%r cannot be found: %s' % (
-            resume_run_id, resume_snapshot, error))
+            resume_run_id, resume_snapshot, error)) from None
 
 
 def check_result_dir(result_dir):
@@ -151,7 +151,7 @@ def check_result_dir(result_dir):
             pass
     except OSError as error:
         raise ConfigError('Result dir "%s" is not writable (%s); set result_dir in config.py to a folder you can '
-                          'write to' % (os.path.abspath(result_dir), error.strerror or error))
+                          'write to' % (os.path.abspath(result_dir), error.strerror or error)) from None
 
 
 def check_dataset(dataset_kwargs, data_dir):

@@ -45,7 +45,7 @@ class LossHealth:
         """What is wrong with the tick so far, one phrase per problem (empty when healthy)."""
         found = ['%s loss non-finite in all %d steps' % (which, self.steps[which])
                  for which in 'GD' if self.steps[which] and not self.finite[which]]
-        for (which, opt, var), before, now in zip(self.ls, self.ls_start, self._loss_scales()):
+        for (which, opt, _), before, now in zip(self.ls, self.ls_start, self._loss_scales()):
             steps = self.steps[which]
             # Every overflow lowers the scale by loss_scaling_dec; the tolerance absorbs rounding.
             if steps and now <= before - opt.loss_scaling_dec * steps + 1e-3:

@@ -147,7 +147,7 @@ def grid_shape(size, image_width, image_height):
         gw, gh = (int(v) for v in str(size).lower().split('x'))
         return gw, gh
     except ValueError:
-        raise ValueError('grid.size must be "1080p", "4k" or "WxH" (e.g. "8x6"), not %r' % (size,))
+        raise ValueError('grid.size must be "1080p", "4k" or "WxH" (e.g. "8x6"), not %r' % (size,)) from None
 
 
 def setup_snapshot_image_grid(G, training_set, size='1080p', layout='random'):

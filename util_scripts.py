@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import config
 import misc
+import snapshots
 import tfutil
 import train
 from tf_compat import tf
@@ -313,7 +314,7 @@ def evaluate_reals(dataset_obj, mirror_augment, table, num_images, minibatch_siz
 def evaluate_snapshot(snapshot_pkl, labels, table, num_images, minibatch_size):
     """The row of one snapshot's fakes, made in a graph and session of their own."""
     session_config = train.session_config(config.tf_config, config.num_gpus)
-    kimg = misc.snapshot_kimg(snapshot_pkl)
+    kimg = snapshots.snapshot_kimg(snapshot_pkl)
     with tf.Graph().as_default(), tfutil.create_session(session_config) as session, session.as_default():
         *_, Gs = misc.load_pkl(snapshot_pkl)
 
