@@ -485,10 +485,10 @@ def test_resume_from_a_legacy_pickle(tmp_path, kind):
     assert 'Loading networks from "%s"' % pkl in log
     assert 'Resuming at kimg 4.0' in log
     assert log.count('TensorFlow 1 compatibility shim') == (0 if kind == 'local' else 3), log
-    ticks = [line for line in log.splitlines() if line.startswith('tick ')]
-    assert ticks and all(4.0 < float(line.split()[3]) <= 5.1 for line in ticks), ticks
+    ticks = misc.read_tick_lines(str(run))
+    assert ticks and all(4.0 < tick.kimg <= 5.1 for tick in ticks), ticks
     # Between kimg 4 and 5 the schedule fades in 16x16: lod = 1 - (kimg - 3) / 3 goes from 0.67 to 0.33.
-    lods = [float(line.split()[5]) for line in ticks]
+    lods = [tick.lod for tick in ticks]
     assert all(0.3 <= lod <= 0.67 for lod in lods) and lods == sorted(lods, reverse=True), ticks
     assert (run / 'fakes000004.png').exists() and (run / 'fakes000005.png').exists()
     assert (run / 'network-snapshot-000005.pkl').exists() and (run / '_training-done.txt').exists()

@@ -34,8 +34,9 @@ def write_tick_log(run_dir):
     with open(os.path.join(run_dir, 'log.txt'), 'wt') as log:
         log.write('Training...\n')
         for tick, (kimg, lod, seconds) in enumerate(TICKS, 1):  # The line train.py prints.
-            log.write('tick %-5d kimg %-8.1f lod %-5.2f minibatch %-4d time %-12s sec/tick %-7.1f sec/kimg %-7.2f '
-                      'maintenance %.1f\n' % (tick, kimg, lod, 16, misc.format_time(seconds), 1.0, 1.0, 0.1))
+            line = misc.format_tick_line(misc.TickLine(tick=tick, kimg=kimg, lod=lod, minibatch=16, total_sec=seconds,
+                                                       sec_per_tick=1.0, sec_per_kimg=1.0, maintenance_sec=0.1))
+            log.write(line + '\n')
 
 
 def write_fakes(run_dir):
