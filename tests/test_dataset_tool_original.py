@@ -214,11 +214,11 @@ def test_create_celeba_crops_128_around_the_centre(tmp_path):
 def test_create_from_hdf5_takes_the_largest_level_and_the_labels(tmp_path):
     import h5py
     rng = np.random.default_rng(7)
-    full = rng.integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
+    full = rng.integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
     with h5py.File(tmp_path / 'faces.h5', 'w') as f:
-        for size in (4, 8):        # unrelated lower levels: the tool must use the 16x16 one
+        for size in (4, 8, 16):     # unrelated lower levels (data16x16 sorts first): the tool must use 32x32
             f.create_dataset(f'data{size}x{size}', data=rng.integers(0, 256, (5, 3, size, size), dtype=np.uint8))
-        f.create_dataset('data16x16', data=full)
+        f.create_dataset('data32x32', data=full)
     labels = rng.random((5, 4)).astype(np.float32)
     np.save(tmp_path / 'faces-labels.npy', labels)
 
@@ -274,3 +274,10 @@ def test_extract_writes_the_full_resolution_images_as_pngs(tmp_path):
         read_back = np.stack([np.asarray(Image.open(tmp_path / f'{name}-png' / n)) for n in names])
         expected = images[:, 0] if channels == 1 else images.transpose(0, 2, 3, 1)
         assert np.array_equal(read_back, expected)
+
+
+def test_create_celebahq_says_why_it_is_left_out(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        dataset_tool.main(['create_celebahq', str(tmp_path / 'out'), 'celeba', 'deltas', '--num_threads', '4'])
+    assert 'create_celebahq is left out' in str(exit_info.value.code) and 'README.md' in str(exit_info.value.code)
+    assert not (tmp_path / 'out').exists()
