@@ -209,17 +209,20 @@ def require_file(path, what):
 def read_idx_ubyte_gz(path):
     """An MNIST idx file (gzipped): a big-endian header (two zero bytes, type 0x08 for uint8,
     the number of dimensions, then each dimension) followed by the raw uint8 array."""
-    with gzip.open(require_file(path, 'put the MNIST training files (train-*-ubyte.gz) in this folder'),
-                   'rb') as f:
-        data = f.read()
+    require_file(path, 'put the MNIST training files (train-*-ubyte.gz) in this folder')
+    try:
+        with gzip.open(path, 'rb') as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f'{path} is not a complete gzip file ({e}); download it again') from None
     ndim = data[3] if len(data) >= 4 else 0
     if data[:3] != b'\0\0\x08' or ndim == 0:
         raise ValueError(f'{path} is not an idx file of uint8 (header {data[:4].hex()})')
-    shape = np.frombuffer(data, '>u4', ndim, offset=4)
+    shape = np.frombuffer(data, '>u4', ndim, offset=4).tolist()
     header_bytes = 4 + 4 * ndim
-    if len(data) != header_bytes + int(np.prod(shape)):
-        raise ValueError(f'{path}: the header promises {list(shape)} bytes of data, the file holds '
-                         f'{len(data) - header_bytes}; download it again')
+    if len(data) != header_bytes + int(np.prod(shape, dtype=np.int64)):
+        raise ValueError(f'{path}: the header gives the shape {shape}, but the file holds '
+                         f'{len(data) - header_bytes} bytes of data; download it again')
     return np.frombuffer(data, np.uint8, offset=header_bytes).reshape(shape)
 
 

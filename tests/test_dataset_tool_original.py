@@ -80,6 +80,15 @@ def test_mnist_bad_files_are_named(tmp_path):
         f.write(b'<html>not found</html>')
     with pytest.raises(ValueError, match='train-images-idx3-ubyte.gz is not an idx file'):
         dataset_tool.create_mnist(str(tmp_path / 'out'), str(tmp_path))
+    write_idx_gz(tmp_path / 'train-images-idx3-ubyte.gz', np.zeros((3, 28, 28)))
+    whole = (tmp_path / 'train-images-idx3-ubyte.gz').read_bytes()
+    (tmp_path / 'train-images-idx3-ubyte.gz').write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match='train-images-idx3-ubyte.gz is not a complete gzip file'):
+        dataset_tool.create_mnist(str(tmp_path / 'out'), str(tmp_path))
+    with gzip.open(tmp_path / 'train-images-idx3-ubyte.gz', 'wb') as f:    # header says 3 images, data holds 2
+        f.write(struct.pack('>BBBBIII', 0, 0, 8, 3, 3, 28, 28) + bytes(2 * 28 * 28))
+    with pytest.raises(ValueError, match=r'shape \[3, 28, 28\], but the file holds 1568 bytes'):
+        dataset_tool.create_mnist(str(tmp_path / 'out'), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------
