@@ -206,7 +206,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         plain_object = base is object and state is None
         container = base in _RECONSTRUCTOR_BASES and isinstance(state, base)
         if not (isinstance(cls, type) and issubclass(cls, base) and (plain_object or container)):
-            self._refuse('copyreg._reconstructor(%r, %r, %s)' % (cls, base, type(state).__name__),
+            self._refuse('copyreg._reconstructor(%s, %s, %s)' % (_name_of(cls), _name_of(base), type(state).__name__),
                          'builds something other than a plain object or container')
         return copyreg._reconstructor(cls, base, state)
 
@@ -222,12 +222,19 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def _reconstruct_array(self, subtype, shape, dtype):
         if subtype not in (self._ndarray, np.ndarray):
-            self._refuse('numpy _reconstruct(%r)' % (subtype,), 'makes something other than a numpy array')
+            self._refuse('numpy _reconstruct(%s)' % _name_of(subtype), 'makes something other than a numpy array')
         if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
             self._refuse('numpy _reconstruct with shape %r' % (shape,), 'is not an array shape')
         dtype = self._dtype(dtype)
         self._charge(math.prod(shape) * dtype.itemsize, 'an array of shape %s and dtype %s' % (shape, dtype))
         return _numpy_internal('multiarray', '_reconstruct')(np.ndarray, shape, dtype)
+
+
+def _name_of(obj):
+    """How a pickle names a class or function it passes on (a guarded global by its own name)."""
+    name = getattr(obj, '__name__', None)
+    guarded = ['%s.%s' % key for key, method in _GUARDED_GLOBALS.items() if method == name]
+    return guarded[0] if guarded else getattr(obj, '__qualname__', type(obj).__name__)
 
 
 def _megabytes(nbytes):
