@@ -7,6 +7,7 @@ They are built with numpy alone, loaded in fresh processes and checked against t
 numpy forward pass in tests/reference_numpy.py.
 """
 
+import ast
 import json
 import os
 import pickle
@@ -538,3 +539,114 @@ def test_resume_from_a_legacy_pickle(tmp_path, kind):
         change = np.linalg.norm(new[w] - old[w]) / np.linalg.norm(old[w])
         assert 0 < change < (0.2 if after['name'] == 'Gs' else 1.0), (after['name'], change)
         assert 0.3 <= float(new['lod']) < 0.4     # The lod the last step trained at.
+
+
+# ----------------------------------------------------------------------------
+# Source laundering: a pickle carrying this project's real networks source plus a payload.
+
+
+def payload_source(marker):
+    """The real networks.py with a payload appended, as in the attack: build functions, signatures and
+    variables are exactly this project's, so only the source's fingerprint tells them apart."""
+    return LOCAL_SOURCE + '\nimport os; os.system(%r)\n' % ('touch %s' % marker)
+
+
+def test_fingerprints_ignore_formatting_and_see_changes():
+    fingerprint = legacy.source_fingerprint(LOCAL_SOURCE)
+    assert fingerprint == legacy.source_fingerprint(LOCAL_SOURCE.replace('\n\n\n', '\n\n# A comment.\n\n'))
+    reformatted = ast.unparse(ast.parse(LOCAL_SOURCE))    # Other layout and quotes, no comments.
+    assert reformatted != LOCAL_SOURCE and legacy.source_fingerprint(reformatted) == fingerprint
+    redocumented = LOCAL_SOURCE.replace('"""Images [minibatch,', '"""Pictures [minibatch,')
+    assert redocumented != LOCAL_SOURCE and legacy.source_fingerprint(redocumented) == fingerprint
+    changed_default = LOCAL_SOURCE.replace('pixelnorm_epsilon=1e-8,', 'pixelnorm_epsilon=1e-6,')
+    assert changed_default != LOCAL_SOURCE and legacy.source_fingerprint(changed_default) != fingerprint
+    assert legacy.source_fingerprint(payload_source('/tmp/x')) != fingerprint
+    assert legacy.source_fingerprint('def broken(:') is None
+
+
+def test_every_state_of_networks_py_is_known():
+    # If this fails after an edit of networks.py, add the new fingerprint to legacy.KNOWN_SOURCES
+    # (legacy.source_fingerprint(open('networks.py').read())), so that pickles written by it stay known.
+    commits = subprocess.run(['git', 'log', '--format=%H', '--', 'networks.py'], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert commits
+    sources = {commit[:7]: subprocess.run(['git', 'show', '%s:networks.py' % commit], cwd=REPO, capture_output=True,
+                                          text=True, check=True).stdout for commit in commits}
+    sources['working tree'] = LOCAL_SOURCE
+    unknown = [name for name, source in sources.items() if legacy.source_fingerprint(source) not in legacy.KNOWN_SOURCES]
+    assert not unknown, unknown
+
+
+def test_payload_in_real_networks_source_is_refused_or_rebuilt_clean(tmp_path, tf_session, monkeypatch):
+    monkeypatch.delenv(unpickler.ALLOW_CODE_ENV, raising=False)
+    monkeypatch.delenv(legacy.TRUSTED_SOURCES_ENV, raising=False)
+    marker = tmp_path / 'payload-ran'
+    source = payload_source(marker)
+    states, _ = make_networks(seed=10, label_size=0, source=source)
+    pkl = write_legacy_pickle(str(tmp_path / 'network-final.pkl'), states)
+    with pytest.raises(unpickler.UnknownSourceError) as excinfo:
+        misc.load_pkl(pkl)
+    message = str(excinfo.value)
+    assert pkl in message and 'not one this project knows' in message
+    assert legacy.source_fingerprint(source) in message
+    with open(pkl, 'rb') as f, pytest.raises(unpickler.UnknownSourceError):
+        pickle.load(f)
+    assert not marker.exists()
+    # Vouched for by fingerprint, it is rebuilt with this project's code, and saved with this project's source.
+    G, D, Gs = misc.load_pkl(pkl, trusted_sources=[legacy.source_fingerprint(source)])
+    assert G._build_func is sys.modules['networks'].G_paper and D._build_func is sys.modules['networks'].D_paper
+    resaved = str(tmp_path / 'resaved.pkl')
+    misc.save_pkl((G, D, Gs), resaved)
+    assert [state['build_module_src'] for state in read_states(resaved)] == [LOCAL_SOURCE] * 3
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_laundering_chain_payload_never_runs_from_a_snapshot(tmp_path):
+    marker = tmp_path / 'payload-ran'
+    source = payload_source(marker)
+    states, _ = make_networks(seed=11, label_size=0, easydict=True, source=source)
+    legacy_dir = tmp_path / 'from-elsewhere'
+    legacy_dir.mkdir()
+    pkl = write_legacy_pickle(str(legacy_dir / 'network-snapshot-000004.pkl'), states)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+    env.pop(unpickler.ALLOW_CODE_ENV, None)
+    env.pop(legacy.TRUSTED_SOURCES_ENV, None)
+
+    def resume(result_dir, run_env):
+        cfg = tmp_path / ('%s.py' % result_dir.name)
+        cfg.write_text(RESUME_CONFIG.format(data_dir=str(tmp_path), result_dir=str(result_dir), pkl=pkl))
+        return subprocess.run([sys.executable, 'train.py', str(cfg)], cwd=REPO, capture_output=True, text=True,
+                              timeout=900, env=run_env)
+
+    # The user vouches for the file's source (the opt-in this design asks for) and trains from it.
+    proc = resume(tmp_path / 'trusted', dict(env, **{legacy.TRUSTED_SOURCES_ENV: legacy.source_fingerprint(source)}))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    final = tmp_path / 'trusted' / os.listdir(tmp_path / 'trusted')[0] / 'network-final.pkl'
+    # Later, in a notebook: plain pickle.load of that run's own network-final.pkl, with a networks.py
+    # whose default differs (so the snapshot's networks cannot be rebuilt locally).
+    checkout = tmp_path / 'checkout'
+    checkout.mkdir()
+    for name in os.listdir(REPO):
+        if name.endswith('.py'):
+            text = open(os.path.join(REPO, name), encoding='utf-8').read()
+            if name == 'networks.py':
+                text = text.replace('pixelnorm_epsilon=1e-8,', 'pixelnorm_epsilon=1e-6,')
+                assert text != LOCAL_SOURCE
+            (checkout / name).write_text(text, encoding='utf-8')
+    notebook = 'import pickle\nG, D, Gs = pickle.load(open(%r, "rb"))\nprint(Gs.output_shape)\n' % str(final)
+    proc = subprocess.run([sys.executable, '-c', notebook], cwd=str(checkout), capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert not marker.exists(), 'the payload ran'
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert '[None, 3, 16, 16]' in proc.stdout
+    assert [state['build_module_src'] for state in read_states(str(final))] == [LOCAL_SOURCE] * 3
+
+    # Without the opt-in the run stops at loading, says why, and writes no network pickle at all.
+    proc = resume(tmp_path / 'refused', env)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert 'Refused to execute the networks source embedded in the pickle "%s"' % pkl in output, output[-5000:]
+    assert legacy.TRUSTED_SOURCES_ENV in output
+    written = [name for _, _, names in os.walk(tmp_path / 'refused') for name in names if name.endswith('.pkl')]
+    assert not written and not marker.exists()
