@@ -72,10 +72,17 @@ def copies_pickle(chunk, copies):
     return head + data + body + b'.'
 
 
+# Peak memory is VmHWM, the peak resident set of this process's own memory: unlike ru_maxrss, it
+# does not carry over the RSS of the (large) pytest process the subprocess was forked from.
 LOAD_ALL = textwrap.dedent('''
-    import json, resource, sys
+    import json, sys
     import unpickler
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def peak_rss_mb():
+        with open('/proc/self/status') as status:
+            return next(int(line.split()[1]) for line in status if line.startswith('VmHWM:')) / 1024
+
+    baseline = peak_rss_mb()
     results = {}
     for name, path in json.loads(sys.argv[1]).items():
         try:
@@ -83,8 +90,7 @@ LOAD_ALL = textwrap.dedent('''
             results[name] = ['loaded', '']
         except Exception as e:
             results[name] = [type(e).__name__, str(e)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # kB on Linux
-    print(json.dumps(dict(results=results, baseline_mb=baseline / 1024, peak_mb=peak / 1024,
+    print(json.dumps(dict(results=results, baseline_mb=baseline, peak_mb=peak_rss_mb(),
                           tensorflow='tensorflow' in sys.modules)))
 ''')
 
