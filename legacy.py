@@ -48,6 +48,10 @@ import numpy as np
 KNOWN_SOURCES = {
     '2a007c24ca7e6d68fcfd445cbac628720c9cc8ac144e8bbce875d081b9b07fe8': "this project's networks.py at 6df2c30",
     '0da9c0cff69257f64456bdea21714591d774ae8055201d462627d6e3e18a7f2b': "this project's networks.py at 7134c70",
+    # The two differ only in trailing whitespace.
+    '56882b3d0f23a385e0b6707ebaff74ea495f4a1703e7770954dc0e4abfe55478':
+        "networks.py of the original ProGAN (tkarras/progressive_growing_of_gans at fdc55b9) and of WSI-ProGAN "
+        "(SarderLab/WSI-ProGAN at 1bda3a8)",
 }
 
 ALLOW_CODE_ENV = 'WSI_PROGAN_ALLOW_PICKLE_CODE'
