@@ -62,13 +62,15 @@ def source_fingerprint(source):
     """The fingerprint of a networks module's source (see KNOWN_SOURCES), or None if it does not parse."""
     try:
         tree = ast.parse(source)
-    except (SyntaxError, ValueError, TypeError):
+        for node in ast.walk(tree):
+            body = getattr(node, 'body', None)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
+                    and _starts_with_docstring(body):
+                node.body = body[1:] or [ast.Pass()]
+        text = _canonical_tree(tree)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):    # Not Python we can read.
         return None
-    for node in ast.walk(tree):
-        body = getattr(node, 'body', None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and _starts_with_docstring(body):
-            node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(_canonical_tree(tree).encode('utf-8')).hexdigest()
+    return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
 def _starts_with_docstring(body):
@@ -111,6 +113,8 @@ class UnknownSourceError(pickle.UnpicklingError):
 
 
 class SourcePolicy:
+    """Whether unknown embedded source may be executed, and the fingerprints trusted as known."""
+
     def __init__(self, allow_unknown=False, trusted=(), filename=None):
         self.allow_unknown = bool(allow_unknown)
         self.trusted = frozenset(trusted)
@@ -127,7 +131,8 @@ def policy_from_environment(filename=None, allow_unknown=None, trusted=()):
     if allow_unknown is None:
         allow_unknown = _env_flag(ALLOW_CODE_ENV)
     from_env = [f.strip() for f in os.environ.get(TRUSTED_SOURCES_ENV, '').split(',') if f.strip()]
-    return SourcePolicy(allow_unknown, list(trusted) + from_env, filename)
+    given = [trusted] if isinstance(trusted, str) else list(trusted)     # One fingerprint or several.
+    return SourcePolicy(allow_unknown, given + from_env, filename)
 
 
 _policy = contextvars.ContextVar('wsi_progan_source_policy', default=None)

@@ -562,6 +562,7 @@ def test_fingerprints_ignore_formatting_and_see_changes():
     assert changed_default != LOCAL_SOURCE and legacy.source_fingerprint(changed_default) != fingerprint
     assert legacy.source_fingerprint(payload_source('/tmp/x')) != fingerprint
     assert legacy.source_fingerprint('def broken(:') is None
+    assert legacy.source_fingerprint('x = ' + '-' * 100000 + '1') is None     # Too deep to read: unknown.
 
 
 def test_every_state_of_networks_py_is_known():
