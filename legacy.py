@@ -7,17 +7,20 @@ decides how such a state is rebuilt here (`tfutil.Network.__setstate__` calls in
 
 1. The import handlers registered in `tfutil.network_import_handlers` convert the state first
    (each is a function state => state, as in the original).
-2. If this project's `networks` module has the build function by that name, the pickle's
-   static kwargs mean the same to both, and the local build creates exactly the pickle's
-   variables (names and shapes), the network is built from the local module (NHWC inside) and
-   no code from the file runs. The embedded source is kept, so saving again stays faithful.
-3. Otherwise the embedded source is executed under a TensorFlow 1 compatibility shim (a stand-in
+2. The embedded source must be one we know (`KNOWN_SOURCES`: this project's networks.py at each of
+   its states, and the original ProGAN's and WSI-ProGAN's; also the current local networks.py, and
+   any fingerprint the user vouches for, see `source_policy`). Sources are compared by fingerprint
+   (`source_fingerprint`), so formatting, comments and docstrings do not matter.
+3. If the source is known, this project's `networks` module has the build function by that name,
+   the pickle's static kwargs mean the same to both, and the local build creates exactly the
+   pickle's variables (names and shapes), the network is built from the local module (NHWC inside)
+   and carries this project's source from then on: what it is saved with is code we wrote.
+4. Otherwise the embedded source is executed under a TensorFlow 1 compatibility shim (a stand-in
    for `tensorflow` that maps TF1 names onto `tensorflow.compat.v1` and runs NCHW convolutions
-   and pools through NHWC transposes, which CPUs require), and a line says so.
-
-Executing embedded source runs Python code from the file. Whoever unpickles decides whether it
-may, through `embedded_source_gate`: `misc.load_pkl` (unpickler.py) refuses unless asked, plain
-`pickle.load` is for files you trust and runs it without asking.
+   and pools through NHWC transposes, which CPUs require), and a line says so. Known source runs
+   without asking; unknown source runs only when the user allowed it (`source_policy`, or the
+   environment variable WSI_PROGAN_ALLOW_PICKLE_CODE=1), whichever loader is used, plain
+   `pickle.load` included.
 
 Imports go one way: tfutil and unpickler use this module; it uses only the standard library,
 numpy, and (when a network is actually rebuilt, so importing it stays light) tf_compat and networks.
@@ -27,28 +30,149 @@ import ast
 import builtins
 import contextlib
 import contextvars
+import functools
+import hashlib
 import inspect
+import os
+import pickle
 import types
 
 import numpy as np
 
 # ----------------------------------------------------------------------------
-# Who may execute embedded source. Plain pickle.load runs it (the caller trusts the file); a
-# loader that does not trust it sets a gate for the duration of its load. Context variables
-# follow the call into Network.__setstate__ and are private to each thread.
+# Which networks sources we know. A fingerprint is the SHA-256 of the module's syntax tree with
+# docstrings removed, written out by _canonical_tree: reformatting, comments and docstrings leave
+# it unchanged, any change to what the code does changes it. Each entry was computed with
+# source_fingerprint from the file named (for this project: `git show COMMIT:networks.py`).
 
-_source_gate = contextvars.ContextVar('wsi_progan_embedded_source_gate', default=None)
+KNOWN_SOURCES = {
+    '2a007c24ca7e6d68fcfd445cbac628720c9cc8ac144e8bbce875d081b9b07fe8': "this project's networks.py at 6df2c30",
+    '0da9c0cff69257f64456bdea21714591d774ae8055201d462627d6e3e18a7f2b': "this project's networks.py at 7134c70",
+    # The two differ only in trailing whitespace.
+    '56882b3d0f23a385e0b6707ebaff74ea495f4a1703e7770954dc0e4abfe55478':
+        "networks.py of the original ProGAN (tkarras/progressive_growing_of_gans at fdc55b9) and of WSI-ProGAN "
+        "(SarderLab/WSI-ProGAN at 1bda3a8)",
+}
+
+ALLOW_CODE_ENV = 'WSI_PROGAN_ALLOW_PICKLE_CODE'
+TRUSTED_SOURCES_ENV = 'WSI_PROGAN_TRUSTED_SOURCES'      # Fingerprints the user vouches for, comma-separated.
+
+
+def source_fingerprint(source):
+    """The fingerprint of a networks module's source (see KNOWN_SOURCES), or None if it does not parse."""
+    try:
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            body = getattr(node, 'body', None)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
+                    and _starts_with_docstring(body):
+                node.body = body[1:] or [ast.Pass()]
+        text = _canonical_tree(tree)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):    # Not Python we can read.
+        return None
+    return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+
+def _starts_with_docstring(body):
+    first = body[0] if body else None
+    return (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str))
+
+
+# Fields newer Pythons added (or show) with no effect on what the code does here; left out so a
+# fingerprint is the same on every Python version.
+_VERSION_DEPENDENT_FIELDS = ('kind', 'type_comment', 'type_params', 'type_ignores')
+
+
+def _canonical_tree(node):
+    """A text form of a syntax tree (like ast.dump, whose output varies between Python versions):
+    node types and fields, without positions, empty fields and _VERSION_DEPENDENT_FIELDS."""
+    if isinstance(node, ast.AST):
+        fields = ['%s=%s' % (name, _canonical_tree(value)) for name, value in ast.iter_fields(node)
+                  if name not in _VERSION_DEPENDENT_FIELDS and value is not None and value != []]
+        return '%s(%s)' % (type(node).__name__, ','.join(fields))
+    if isinstance(node, list):
+        return '[%s]' % ','.join(_canonical_tree(item) for item in node)
+    return repr(node)
+
+
+def local_networks_source():
+    import networks
+    return _module_source(networks)
+
+
+# ----------------------------------------------------------------------------
+# What the loader allows: executing unknown embedded source (only when asked), and fingerprints
+# the user vouches for. A loader sets a SourcePolicy for the duration of its load; otherwise
+# (plain pickle.load) it comes from the environment. Context variables follow the call into
+# Network.__setstate__ and are private to each thread.
+
+
+class UnknownSourceError(pickle.UnpicklingError):
+    """A network's embedded source is not one we know, and executing it was not allowed."""
+
+
+class SourcePolicy:
+    """Whether unknown embedded source may be executed, and the fingerprints trusted as known."""
+
+    def __init__(self, allow_unknown=False, trusted=(), filename=None):
+        self.allow_unknown = bool(allow_unknown)
+        self.trusted = frozenset(trusted)
+        self.filename = filename      # For messages; None when the loader does not know it.
+
+
+def _env_flag(name):
+    return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')
+
+
+def policy_from_environment(filename=None, allow_unknown=None, trusted=()):
+    """A SourcePolicy; allow_unknown None means WSI_PROGAN_ALLOW_PICKLE_CODE decides, and the
+    fingerprints in WSI_PROGAN_TRUSTED_SOURCES are trusted along with `trusted`."""
+    if allow_unknown is None:
+        allow_unknown = _env_flag(ALLOW_CODE_ENV)
+    from_env = [f.strip() for f in os.environ.get(TRUSTED_SOURCES_ENV, '').split(',') if f.strip()]
+    given = [trusted] if isinstance(trusted, str) else list(trusted)     # One fingerprint or several.
+    return SourcePolicy(allow_unknown, given + from_env, filename)
+
+
+_policy = contextvars.ContextVar('wsi_progan_source_policy', default=None)
 
 
 @contextlib.contextmanager
-def embedded_source_gate(gate):
-    """Within the block, gate(what, reason) is called before any networks source embedded in a
-    pickle is executed, and refuses by raising; None lets the source run."""
-    token = _source_gate.set(gate)
+def source_policy(policy):
+    """Within the block, networks unpickled follow `policy` (a SourcePolicy)."""
+    token = _policy.set(policy)
     try:
         yield
     finally:
-        _source_gate.reset(token)
+        _policy.reset(token)
+
+
+def current_policy():
+    policy = _policy.get()
+    return policy_from_environment() if policy is None else policy
+
+
+def is_known_source(source, policy):
+    fingerprint = source_fingerprint(source)
+    return fingerprint is not None and (fingerprint in KNOWN_SOURCES or fingerprint in policy.trusted
+                                        or fingerprint == _local_fingerprint())
+
+
+@functools.lru_cache(maxsize=1)
+def _local_fingerprint():
+    return source_fingerprint(local_networks_source())
+
+
+def _refuse_unknown_source(state, what, reason, policy):
+    where = 'the pickle "%s"' % policy.filename if policy.filename else 'the pickle being loaded'
+    raise UnknownSourceError(
+        'Refused to execute the networks source embedded in %s for %s: %s. Building it means running the '
+        'Python code stored in the file, with your permissions; a pickle from an unknown source can do anything '
+        'this way. If you have reviewed that source, trust its fingerprint %s (trusted_sources=[...] in '
+        'misc.load_pkl, or %s=<fingerprint>) to rebuild it with this project\'s code; to execute it as it is, pass '
+        'allow_unknown_source=True to misc.load_pkl or set %s=1.'
+        % (where, what, reason, source_fingerprint(state['build_module_src']), TRUSTED_SOURCES_ENV, ALLOW_CODE_ENV))
 
 
 # ----------------------------------------------------------------------------
@@ -74,35 +198,38 @@ def import_state(state, handlers=()):
 
 
 def build_func_for_state(state):
-    """The function to build the state's network with: this project's, when it is recognised
-    (see recognise_local_build), else the embedded source's, executed under the TF1 shim once
-    the current embedded_source_gate lets it."""
+    """(build function, source the network carries from now on) for the state: this project's
+    function and source when it is recognised (see recognise_local_build), else the embedded
+    source's, executed under the TF1 shim if it is known or the current policy allows it."""
     func, reason = recognise_local_build(state)
     if func is not None:
-        return func
+        return func, local_networks_source()
     what = 'network "%s" (build function %s)' % (state['name'], state['build_func_name'])
-    gate = _source_gate.get()
-    if gate is not None:
-        gate(what, reason)
+    policy = current_policy()
+    if not (policy.allow_unknown or is_known_source(state['build_module_src'], policy)):
+        _refuse_unknown_source(state, what, reason, policy)
     print('Loading %s: %s; executing the networks source embedded in the pickle under the TensorFlow 1 '
           'compatibility shim.' % (what, reason))
     module = module_from_source(state['build_module_src'])
     func = getattr(module, state['build_func_name'], None)
     if not callable(func):
         raise ValueError('The networks source embedded in the pickle defines no function %s' % state['build_func_name'])
-    return func
+    return func, state['build_module_src']
 
 
 def recognise_local_build(state):
-    """(local build function, None) when this project's networks module can rebuild the state
-    faithfully, else (None, reason)."""
+    """(local build function, None) when the state's source is known and this project's networks
+    module can rebuild the state faithfully, else (None, reason)."""
     import networks
     name = state['build_func_name']
     func = getattr(networks, name, None) if isinstance(name, str) and name.isidentifier() else None
     if not (inspect.isfunction(func) and func.__module__ == networks.__name__):
         return None, 'this project\'s networks module has no build function %r' % (name,)
-    if state['build_module_src'] == _module_source(networks):
+    source = state['build_module_src']
+    if source == local_networks_source():
         return func, None       # Written by this very networks module.
+    if not is_known_source(source, current_policy()):
+        return None, 'its networks source is not one this project knows (fingerprint %s)' % source_fingerprint(source)
     reason = _signature_difference(func, state)
     if reason is None:
         reason = _variable_difference(func, state)
@@ -221,9 +348,11 @@ def local_variable_shapes(func, static_kwargs):
 
 
 def checked_variables(net, state):
-    """The state's (name, value) pairs, after checking that the built network has each of them
-    with the same shape (a clear error instead of a KeyError deep in set_vars)."""
-    problems = []
+    """The state's (name, value) pairs, after checking that they are exactly the built network's
+    variables with the same shapes (a clear error instead of a KeyError deep in set_vars, and no
+    variable is allocated that the pickle does not pay for with its own data)."""
+    pickled = {name for name, _ in state['variables']}
+    problems = ['%s is missing from the pickle' % name for name in net.vars if name not in pickled]
     for name, value in state['variables']:
         if name not in net.vars:
             problems.append('%s is not a variable of the built network' % name)

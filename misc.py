@@ -21,14 +21,15 @@ import config
 # never leaves a truncated pickle under the final name.
 
 
-def load_pkl(filename, allow_unknown_source=None):
+def load_pkl(filename, allow_unknown_source=None, trusted_sources=()):
     """Load a network pickle without trusting it: unpickler.RestrictedUnpickler admits only numpy
-    arrays, tfutil.Network, config.EasyDict and builtin containers, and networks source embedded
-    in the file runs only when it is not recognised as this project's and allow_unknown_source is
-    true (None: the environment variable WSI_PROGAN_ALLOW_PICKLE_CODE=1 decides). For files you
-    trust, pickle.load does the same without the checks."""
+    arrays, tfutil.Network, config.EasyDict and builtin containers, within a memory budget, and
+    networks source embedded in the file that is not one we know runs only when
+    allow_unknown_source is true (None: the environment variable WSI_PROGAN_ALLOW_PICKLE_CODE=1
+    decides); trusted_sources are fingerprints of sources you reviewed (see legacy.py). For files
+    you wrote yourself, pickle.load does the same without the checks on globals and memory."""
     import unpickler
-    return unpickler.load_network_pkl(filename, allow_unknown_source)
+    return unpickler.load_network_pkl(filename, allow_unknown_source, trusted_sources)
 
 
 def save_pkl(obj, filename):

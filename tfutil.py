@@ -779,13 +779,14 @@ class Network:
         self._init_fields()
         # Pickles from elsewhere: legacy.py converts the state and picks the build function.
         state = legacy.import_state(state, network_import_handlers)
-        build_func = legacy.build_func_for_state(state)
-        # The pickle's own source is kept as is, so that saving again is faithful.
-        self._adopt(state['name'], state['static_kwargs'], state['build_func_name'],
-                    state['build_module_src'], build_func)
+        # Rebuilt locally, the network carries this project's source from now on (never code that
+        # was not run); executed under the shim, its own.
+        build_func, module_src = legacy.build_func_for_state(state)
+        self._adopt(state['name'], state['static_kwargs'], state['build_func_name'], module_src, build_func)
         self._init_graph()
+        variables = legacy.checked_variables(self, state)     # Before any variable is allocated.
         self.reset_vars()
-        set_vars({self.find_var(name): value for name, value in legacy.checked_variables(self, state)})
+        set_vars({self.find_var(name): value for name, value in variables})
 
     def clone(self, name=None):
         twin = object.__new__(Network)

@@ -7,6 +7,7 @@ They are built with numpy alone, loaded in fresh processes and checked against t
 numpy forward pass in tests/reference_numpy.py.
 """
 
+import ast
 import json
 import os
 import pickle
@@ -28,6 +29,11 @@ import unpickler
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'original_networks_nchw.py')
 ORIGINAL_SOURCE = open(FIXTURE, encoding='utf-8').read()
+# The fixture is our own rewrite in the original's layout, not the original's text, so its fingerprint
+# is not a known one: tests that rebuild it locally vouch for it explicitly, as a user who reviewed a
+# source would (trusted_sources / WSI_PROGAN_TRUSTED_SOURCES).
+FIXTURE_FINGERPRINT = legacy.source_fingerprint(ORIGINAL_SOURCE)
+LOCAL_SOURCE = open(os.path.join(REPO, 'networks.py'), encoding='utf-8').read()
 # A fork of the original whose build functions have other names: nothing local matches them.
 FORK_SOURCE = ORIGINAL_SOURCE.replace('def G_paper(', 'def G_histo(').replace('def D_paper(', 'def D_histo(')
 
@@ -122,13 +128,16 @@ LOAD_SCRIPT = textwrap.dedent('''
     import numpy as np
     spec = json.load(open(sys.argv[1]))
     io = np.load(spec['io'])
-    import misc, tfutil       # No init_tf(): unpickling must not need it.
+    import os
+    import legacy, misc, tfutil       # No init_tf(): unpickling must not need it.
     for case in spec['cases']:
-        if case['loader'] == 'pickle.load':
+        if case['loader'] == 'pickle.load':     # Its only opt-in is the environment variable.
+            os.environ[legacy.ALLOW_CODE_ENV] = '1' if case['allow'] else '0'
             with open(case['path'], 'rb') as f:
                 G, D, Gs = pickle.load(f)
         else:
-            G, D, Gs = misc.load_pkl(case['path'], allow_unknown_source=case['allow'])
+            G, D, Gs = misc.load_pkl(case['path'], allow_unknown_source=case['allow'],
+                                     trusted_sources=case['trusted'])
         out = {}
         for tag, net in [('G', G), ('D', D), ('Gs', Gs)]:
             out[tag + '_module'] = np.array(net._build_func.__module__)
@@ -150,20 +159,25 @@ def run_load_script(tmp, cases, io_path, tag):
     spec = os.path.join(tmp, 'spec-%s.json' % tag)
     with open(spec, 'w') as f:
         json.dump({'cases': cases, 'io': io_path, 'lods': LODS}, f)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+    env.pop(legacy.TRUSTED_SOURCES_ENV, None)
     proc = subprocess.run([sys.executable, '-c', LOAD_SCRIPT, spec], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
 
 
 CASES = {
-    # Original source, fused layers, labels, EasyDict static kwargs: rebuilt from this project's networks.
-    'local': dict(seed=1, label_size=2, easydict=True, protocol=4, expect='local', allow=False),
+    # Original-layout source (vouched for), fused layers, labels, EasyDict static kwargs: rebuilt from this
+    # project's networks.
+    'local': dict(seed=1, label_size=2, easydict=True, protocol=4, expect='local', allow=False,
+                  trusted=[FIXTURE_FINGERPRINT]),
     # Unfused layers (nearest upscale + Conv0, Conv1 + box downscale): also rebuilt locally.
-    'local_unfused': dict(seed=2, label_size=0, fused_scale=False, protocol=4, expect='local', allow=False),
+    'local_unfused': dict(seed=2, label_size=0, fused_scale=False, protocol=4, expect='local', allow=False,
+                          trusted=[FIXTURE_FINGERPRINT]),
     # A fork with unknown build functions, pickled with numpy 1 names: its NCHW source runs under the shim.
     'shim': dict(seed=3, label_size=2, g_name='G_histo', d_name='D_histo', source=FORK_SOURCE, protocol=2,
-                 numpy1_names=True, expect='shim', allow=True),
+                 numpy1_names=True, expect='shim', allow=True, trusted=[]),
 }
 
 
@@ -184,10 +198,10 @@ def loaded(tmp_path_factory):
         pkl = write_legacy_pickle(os.path.join(tmp, '%s.pkl' % name), states, protocol=case['protocol'],
                                   numpy1_names=case.get('numpy1_names', False))
         resaved = os.path.join(tmp, '%s-resaved.pkl' % name)
-        first.append(dict(path=pkl, allow=case['allow'], loader='load_pkl', resave=resaved,
+        first.append(dict(path=pkl, allow=case['allow'], trusted=case['trusted'], loader='load_pkl', resave=resaved,
                           out=os.path.join(tmp, '%s-first.npz' % name)))
         # The second load uses plain pickle.load, as a notebook does, for the resaved files.
-        second.append(dict(path=resaved, allow=case['allow'], loader='pickle.load',
+        second.append(dict(path=resaved, allow=case['allow'], trusted=[], loader='pickle.load',
                            out=os.path.join(tmp, '%s-second.npz' % name)))
         info[name] = dict(states=states, kwargs=kwargs, pkl=pkl, resaved=resaved, case=case)
     stdout_first = run_load_script(tmp, first, io_path, 'first')
@@ -255,10 +269,12 @@ def test_load_save_load_is_faithful(loaded, name):
             np.testing.assert_array_equal(second[key], first[key], err_msg=key)
         else:
             np.testing.assert_allclose(second[key], first[key], rtol=0, atol=1e-6, err_msg=key)
-    # What was saved again is the legacy state: same embedded source, function, names, kwargs, values.
+    # What was saved again is the legacy state: same function, names, kwargs, values; the source is this
+    # project's once rebuilt locally, and the pickle's own when it was executed under the shim.
     for original, resaved in zip(info['states'], read_states(info['resaved'])):
         assert resaved['version'] == 2
-        assert resaved['build_module_src'] == original['build_module_src']
+        expected_source = LOCAL_SOURCE if info['case']['expect'] == 'local' else original['build_module_src']
+        assert resaved['build_module_src'] == expected_source
         assert resaved['build_func_name'] == original['build_func_name']
         assert resaved['name'] == original['name']
         assert dict(resaved['static_kwargs']) == dict(original['static_kwargs'])
@@ -323,7 +339,8 @@ def test_unknown_source_needs_opt_in(tmp_path, tf_session, monkeypatch):
         message = str(excinfo.value)
         for part in [pkl, 'network "G" (build function G_histo)', 'no build function \'G_histo\'',
                      'running the Python code stored in the file', 'allow_unknown_source=True',
-                     'WSI_PROGAN_ALLOW_PICKLE_CODE=1', 'pickle.load']:
+                     'WSI_PROGAN_ALLOW_PICKLE_CODE=1', legacy.source_fingerprint(source),
+                     'WSI_PROGAN_TRUSTED_SOURCES']:
             assert part in message, (part, message)
         assert not marker.exists()
     monkeypatch.setenv(unpickler.ALLOW_CODE_ENV, '1')
@@ -334,9 +351,15 @@ def test_unknown_source_needs_opt_in(tmp_path, tf_session, monkeypatch):
     monkeypatch.delenv(unpickler.ALLOW_CODE_ENV)
     G, D, Gs = misc.load_pkl(pkl, allow_unknown_source=True)
     assert Gs.output_shape == [None, 3, 16, 16]
-    # The policy applied to that one load only; plain pickle.load trusts the file.
+    # The policy applied to that one load only.
     with pytest.raises(unpickler.UnknownSourceError):
         misc.load_pkl(pkl)
+    assert not marker.exists()
+    # Plain pickle.load does not run unknown networks source either, unless the environment allows it.
+    with open(pkl, 'rb') as f, pytest.raises(unpickler.UnknownSourceError, match='the pickle being loaded'):
+        pickle.load(f)
+    assert not marker.exists()
+    monkeypatch.setenv(unpickler.ALLOW_CODE_ENV, '1')
     with open(pkl, 'rb') as f:
         G, D, Gs = pickle.load(f)
     assert D.output_shapes == [[None, 1], [None, 0]]
@@ -360,8 +383,12 @@ def test_this_projects_pickles_load_through_the_restricted_loader(tf_session, tm
 # When is embedded source recognised as this project's build function?
 
 
-def recognised(state):
-    func, reason = legacy.recognise_local_build(state)
+def recognised(state, trust=True):
+    """Whether the state is rebuilt locally; trust: vouch for its source's fingerprint, as these
+    checks are about what the source means, not where it comes from."""
+    fingerprints = [legacy.source_fingerprint(state['build_module_src'])] if trust else []
+    with legacy.source_policy(legacy.SourcePolicy(trusted=fingerprints)):
+        func, reason = legacy.recognise_local_build(state)
     return func is not None, reason
 
 
@@ -370,7 +397,12 @@ def test_recognition_by_name_signature_and_variables(tf_session):
     g = states[0]
     ok, _ = recognised(g)
     assert ok
-    assert legacy.recognise_local_build(states[1])[0] is sys.modules['networks'].D_paper
+    with legacy.source_policy(legacy.SourcePolicy(trusted=[FIXTURE_FINGERPRINT])):
+        assert legacy.recognise_local_build(states[1])[0] is sys.modules['networks'].D_paper
+
+    # The same state, with its source not vouched for: not rebuilt, however well it fits.
+    ok, reason = recognised(g, trust=False)
+    assert not ok and 'not one this project knows' in reason and FIXTURE_FINGERPRINT in reason
 
     # A variable of another shape (the fused weight stored [k, k, in, out] instead of [k, k, out, in]).
     variables = [(n, v.transpose(0, 1, 3, 2) if n == '16x16/Conv0_up/weight' else v) for n, v in g['variables']]
@@ -419,7 +451,7 @@ def test_import_handlers_convert_states(tf_session, tmp_path, monkeypatch):
         return state
 
     monkeypatch.setattr(tfutil, 'network_import_handlers', [from_version_1])
-    G, D, Gs = misc.load_pkl(pkl)
+    G, D, Gs = misc.load_pkl(pkl, trusted_sources=[FIXTURE_FINGERPRINT])
     np.testing.assert_array_equal(Gs.get_var('4x4/Dense/weight'), dict(states[2]['variables'])['4x4/Dense/weight'])
     assert G._build_func is sys.modules['networks'].G_paper
 
@@ -460,7 +492,8 @@ num_gpus = 1
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', ['local', 'shim'])
 def test_resume_from_a_legacy_pickle(tmp_path, kind):
-    # 'local': the original's G_paper/D_paper, rebuilt from this project's networks module.
+    # 'local': the original's G_paper/D_paper (layout vouched for by fingerprint), rebuilt from this project's
+    # networks module.
     # 'shim': a fork's unknown source, allowed by the environment variable, trained under the shim.
     source = ORIGINAL_SOURCE if kind == 'local' else FORK_SOURCE
     names = dict(g_name='G_paper', d_name='D_paper') if kind == 'local' else dict(g_name='G_histo', d_name='D_histo')
@@ -473,6 +506,7 @@ def test_resume_from_a_legacy_pickle(tmp_path, kind):
     cfg.write_text(RESUME_CONFIG.format(data_dir=str(tmp_path), result_dir=str(result_dir), pkl=pkl))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
     env.pop(unpickler.ALLOW_CODE_ENV, None)
+    env[legacy.TRUSTED_SOURCES_ENV] = FIXTURE_FINGERPRINT
     if kind == 'shim':
         env[unpickler.ALLOW_CODE_ENV] = '1'
     proc = subprocess.run([sys.executable, 'train.py', str(cfg)], cwd=REPO, capture_output=True, text=True,
@@ -494,13 +528,126 @@ def test_resume_from_a_legacy_pickle(tmp_path, kind):
     assert (run / 'network-snapshot-000005.pkl').exists() and (run / '_training-done.txt').exists()
 
     # Training went on from the legacy weights: Gs moved a little from them (moving average of G),
-    # G and D more; the embedded original source and the layout were kept.
+    # G and D more; the layout was kept, and the source is this project's once rebuilt locally.
     snapshot = read_states(str(run / 'network-snapshot-000005.pkl'))
     for before, after in zip(states, snapshot):
-        assert after['build_module_src'] == source and after['build_func_name'] == before['build_func_name']
+        assert after['build_module_src'] == (LOCAL_SOURCE if kind == 'local' else source)
+        assert after['build_func_name'] == before['build_func_name']
         old, new = dict(before['variables']), dict(after['variables'])
         assert set(old) == set(new)
         w = '4x4/Conv/weight'
         change = np.linalg.norm(new[w] - old[w]) / np.linalg.norm(old[w])
         assert 0 < change < (0.2 if after['name'] == 'Gs' else 1.0), (after['name'], change)
         assert 0.3 <= float(new['lod']) < 0.4     # The lod the last step trained at.
+
+
+# ----------------------------------------------------------------------------
+# Source laundering: a pickle carrying this project's real networks source plus a payload.
+
+
+def payload_source(marker):
+    """The real networks.py with a payload appended, as in the attack: build functions, signatures and
+    variables are exactly this project's, so only the source's fingerprint tells them apart."""
+    return LOCAL_SOURCE + '\nimport os; os.system(%r)\n' % ('touch %s' % marker)
+
+
+def test_fingerprints_ignore_formatting_and_see_changes():
+    fingerprint = legacy.source_fingerprint(LOCAL_SOURCE)
+    assert fingerprint == legacy.source_fingerprint(LOCAL_SOURCE.replace('\n\n\n', '\n\n# A comment.\n\n'))
+    reformatted = ast.unparse(ast.parse(LOCAL_SOURCE))    # Other layout and quotes, no comments.
+    assert reformatted != LOCAL_SOURCE and legacy.source_fingerprint(reformatted) == fingerprint
+    redocumented = LOCAL_SOURCE.replace('"""Images [minibatch,', '"""Pictures [minibatch,')
+    assert redocumented != LOCAL_SOURCE and legacy.source_fingerprint(redocumented) == fingerprint
+    changed_default = LOCAL_SOURCE.replace('pixelnorm_epsilon=1e-8,', 'pixelnorm_epsilon=1e-6,')
+    assert changed_default != LOCAL_SOURCE and legacy.source_fingerprint(changed_default) != fingerprint
+    assert legacy.source_fingerprint(payload_source('/tmp/x')) != fingerprint
+    assert legacy.source_fingerprint('def broken(:') is None
+    assert legacy.source_fingerprint('x = ' + '-' * 100000 + '1') is None     # Too deep to read: unknown.
+
+
+def test_every_state_of_networks_py_is_known():
+    # If this fails after an edit of networks.py, add the new fingerprint to legacy.KNOWN_SOURCES
+    # (legacy.source_fingerprint(open('networks.py').read())), so that pickles written by it stay known.
+    commits = subprocess.run(['git', 'log', '--format=%H', '--', 'networks.py'], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert commits
+    sources = {commit[:7]: subprocess.run(['git', 'show', '%s:networks.py' % commit], cwd=REPO, capture_output=True,
+                                          text=True, check=True).stdout for commit in commits}
+    sources['working tree'] = LOCAL_SOURCE
+    unknown = [name for name, source in sources.items() if legacy.source_fingerprint(source) not in legacy.KNOWN_SOURCES]
+    assert not unknown, unknown
+
+
+def test_payload_in_real_networks_source_is_refused_or_rebuilt_clean(tmp_path, tf_session, monkeypatch):
+    monkeypatch.delenv(unpickler.ALLOW_CODE_ENV, raising=False)
+    monkeypatch.delenv(legacy.TRUSTED_SOURCES_ENV, raising=False)
+    marker = tmp_path / 'payload-ran'
+    source = payload_source(marker)
+    states, _ = make_networks(seed=10, label_size=0, source=source)
+    pkl = write_legacy_pickle(str(tmp_path / 'network-final.pkl'), states)
+    with pytest.raises(unpickler.UnknownSourceError) as excinfo:
+        misc.load_pkl(pkl)
+    message = str(excinfo.value)
+    assert pkl in message and 'not one this project knows' in message
+    assert legacy.source_fingerprint(source) in message
+    with open(pkl, 'rb') as f, pytest.raises(unpickler.UnknownSourceError):
+        pickle.load(f)
+    assert not marker.exists()
+    # Vouched for by fingerprint, it is rebuilt with this project's code, and saved with this project's source.
+    G, D, Gs = misc.load_pkl(pkl, trusted_sources=[legacy.source_fingerprint(source)])
+    assert G._build_func is sys.modules['networks'].G_paper and D._build_func is sys.modules['networks'].D_paper
+    resaved = str(tmp_path / 'resaved.pkl')
+    misc.save_pkl((G, D, Gs), resaved)
+    assert [state['build_module_src'] for state in read_states(resaved)] == [LOCAL_SOURCE] * 3
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_laundering_chain_payload_never_runs_from_a_snapshot(tmp_path):
+    marker = tmp_path / 'payload-ran'
+    source = payload_source(marker)
+    states, _ = make_networks(seed=11, label_size=0, easydict=True, source=source)
+    legacy_dir = tmp_path / 'from-elsewhere'
+    legacy_dir.mkdir()
+    pkl = write_legacy_pickle(str(legacy_dir / 'network-snapshot-000004.pkl'), states)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+    env.pop(unpickler.ALLOW_CODE_ENV, None)
+    env.pop(legacy.TRUSTED_SOURCES_ENV, None)
+
+    def resume(result_dir, run_env):
+        cfg = tmp_path / ('%s.py' % result_dir.name)
+        cfg.write_text(RESUME_CONFIG.format(data_dir=str(tmp_path), result_dir=str(result_dir), pkl=pkl))
+        return subprocess.run([sys.executable, 'train.py', str(cfg)], cwd=REPO, capture_output=True, text=True,
+                              timeout=900, env=run_env)
+
+    # The user vouches for the file's source (the opt-in this design asks for) and trains from it.
+    proc = resume(tmp_path / 'trusted', dict(env, **{legacy.TRUSTED_SOURCES_ENV: legacy.source_fingerprint(source)}))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    final = tmp_path / 'trusted' / os.listdir(tmp_path / 'trusted')[0] / 'network-final.pkl'
+    # Later, in a notebook: plain pickle.load of that run's own network-final.pkl, with a networks.py
+    # whose default differs (so the snapshot's networks cannot be rebuilt locally).
+    checkout = tmp_path / 'checkout'
+    checkout.mkdir()
+    for name in os.listdir(REPO):
+        if name.endswith('.py'):
+            text = open(os.path.join(REPO, name), encoding='utf-8').read()
+            if name == 'networks.py':
+                text = text.replace('pixelnorm_epsilon=1e-8,', 'pixelnorm_epsilon=1e-6,')
+                assert text != LOCAL_SOURCE
+            (checkout / name).write_text(text, encoding='utf-8')
+    notebook = 'import pickle\nG, D, Gs = pickle.load(open(%r, "rb"))\nprint(Gs.output_shape)\n' % str(final)
+    proc = subprocess.run([sys.executable, '-c', notebook], cwd=str(checkout), capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert not marker.exists(), 'the payload ran'
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert '[None, 3, 16, 16]' in proc.stdout
+    assert [state['build_module_src'] for state in read_states(str(final))] == [LOCAL_SOURCE] * 3
+
+    # Without the opt-in the run stops at loading, says why, and writes no network pickle at all.
+    proc = resume(tmp_path / 'refused', env)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert 'Refused to execute the networks source embedded in the pickle "%s"' % pkl in output, output[-5000:]
+    assert legacy.TRUSTED_SOURCES_ENV in output
+    written = [name for _, _, names in os.walk(tmp_path / 'refused') for name in names if name.endswith('.pkl')]
+    assert not written and not marker.exists()
