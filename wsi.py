@@ -816,8 +816,8 @@ class PatchSampler:
                 self._problem_details.append(f'{path}\tcentre ({x:.0f}, {y:.0f})\t{cause}: {error}')
             if failures >= MAX_CONSECUTIVE_FAILURES and self._active[slide_index]:
                 self._active[slide_index] = False
-                self.log(f'Warning: leaving out {path} from now on: {failures} reads in a row failed '
-                         f'(last: {cause}: {error})')
+                self.log(f'Warning: dropping {path} after {failures} failed reads in a row (last: {cause}: '
+                         f'{error}); it is left out from now on')
 
     def tick_report(self):
         """One line per slide with read problems since the last call (count, commonest cause),
