@@ -11,7 +11,8 @@ patch stays darker than stroma) while the slide's overall stain moves to the tar
   in optical density (OD = -ln(I / I0)), project the tissue pixels onto the plane of the two
   largest principal directions, take the robust extreme angles (alpha and 100 - alpha
   percentiles) as the haematoxylin and eosin vectors, solve for each pixel's stain
-  concentrations, scale each stain's 99th-percentile concentration to the target's, and rebuild
+  concentrations, scale each stain's 99th-percentile concentration (over the tissue pixels) to
+  the target's, and rebuild
   the image with the target's stain vectors. Concentration solving, scaling and rebuilding are
   linear in OD, so the per-slide transform is a single 3x3 matrix on OD.
 """
@@ -21,7 +22,7 @@ import numpy as np
 
 METHODS = ('reinhard', 'macenko')
 I0 = 255.0                  # light entering the slide (the brightest value)
-MACENKO_BETA = 0.15         # OD below this in any channel is background, left out of the fit
+MACENKO_BETA = 0.15         # pixels of OD magnitude below this are background, left out of the fit
 MACENKO_ALPHA = 1.0         # percentile of the angle range taken as the extreme stain vectors
 MAX_CONCENTRATION_PERCENTILE = 99.0
 _OD_OF_BYTE = -np.log(np.maximum(np.arange(256, dtype=np.float64), 1) / I0).astype(np.float32)
@@ -82,7 +83,7 @@ def macenko_stains(rgb, beta=MACENKO_BETA, alpha=MACENKO_ALPHA):
     """(stain matrix [3, 2]: unit OD vectors of haematoxylin then eosin, max concentrations [2])
     of the tissue pixels of an RGB uint8 image."""
     od = optical_density(rgb).reshape(-1, 3).astype(np.float64)
-    tissue = od[(od >= beta).all(1)]
+    tissue = od[np.linalg.norm(od, axis=1) >= beta]     # the paper's OD intensity: its magnitude
     if len(tissue) < 100:
         raise ValueError('too few stained pixels to estimate H&E stain vectors')
     _, eigenvectors = np.linalg.eigh(np.cov(tissue.T))
@@ -96,7 +97,8 @@ def macenko_stains(rgb, beta=MACENKO_BETA, alpha=MACENKO_ALPHA):
         vectors.reverse()
     stains = np.stack(vectors, 1)
     stains /= np.linalg.norm(stains, axis=0)
-    concentrations = np.linalg.lstsq(stains, od.T, rcond=None)[0]
+    # Of the tissue pixels only, so a patch's share of white background does not change the scale.
+    concentrations = np.linalg.lstsq(stains, tissue.T, rcond=None)[0]
     return stains, np.percentile(concentrations, MAX_CONCENTRATION_PERCENTILE, axis=1)
 
 
