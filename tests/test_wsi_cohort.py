@@ -187,3 +187,24 @@ def test_overview_draws_the_regions(annotated, mask_cache, messages, tmp_path):
     hole_edge_x = round(500 * scale)
     column = picture[round(600 * scale):round(900 * scale), hole_edge_x - 2:hole_edge_x + 3]
     assert ((column[..., 0] > 200) & (column[..., 2] < 40)).any(axis=1).all()
+
+
+def test_inspect_slides_prints_each_slides_mpp_and_downsample_and_warns_on_mixed_magnifications(
+        twin_scans, tmp_path, mask_cache, capsys):
+    import dataset_tool
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    for mpp, path in twin_scans.items():
+        os.link(path, folder / f'scan-{mpp}.svs')
+    common = ['inspect_slides', str(folder), '--resolution', '32', '--mask_cache_dir', mask_cache]
+    dataset_tool.main(common + ['--downsample', '4'])
+    by_downsample = capsys.readouterr().out
+    assert 'MPP 0.25 um/px' in by_downsample and 'MPP 0.5 um/px' in by_downsample
+    assert 'downsample 4, field of view 128 px = 32 um' in by_downsample
+    assert 'downsample 4, field of view 128 px = 64 um' in by_downsample
+    assert by_downsample.count('Warning: the slides mix magnifications (MPP 0.25, 0.5 um/px)') == 1
+    dataset_tool.main(common + ['--patch_um', '64'])
+    by_microns = capsys.readouterr().out
+    assert 'downsample 8, field of view 256 px = 64 um' in by_microns
+    assert 'downsample 4, field of view 128 px = 64 um' in by_microns
+    assert 'Warning' not in by_microns
