@@ -580,34 +580,44 @@ class PatchSampler:
         """A stain transform per slide, fitted to STAIN_FIT_PATCHES of its patches, towards the
         target image, or by default towards the cohort's most typical patch (stain_target_image)."""
         size = min(self.resolution, STAIN_FIT_SIZE)
-        samples = list(self._pool.map(lambda index: self._slide_sample(index, size), range(len(self.slides))))
+        fits = list(self._pool.map(lambda index: self._fit_slide_stain(index, size), range(len(self.slides))))
         if target_path is not None:
             self.stain_target_image = stain.read_target_image(target_path)
         else:
-            self.stain_target_image = stain.representative_patch(np.concatenate([s for s in samples if len(s)]))
+            candidates = [patch for _, patch in fits if patch is not None]
+            if not candidates:
+                raise NoUsableSlidesError('No patch could be read to pick a stain target from; see the warnings above')
+            self.stain_target_image = stain.representative_patch(np.stack(candidates))
         try:
             target = stain.fit(self.stain_norm, self.stain_target_image)
         except ValueError as e:
             raise ValueError(f'stain_target {target_path or "(picked from the slides)"}: {e}; '
                              f'give a stain_target image showing stained tissue') from None
-        self._stain_transforms = [self._slide_stain_transform(slide, sample, target)
-                                  for slide, sample in zip(self.slides, samples)]
+        self._stain_transforms = [stain.transform(self.stain_norm, source, target) if source is not None
+                                  else (lambda rgb: rgb) for source, _ in fits]
 
-    def _slide_sample(self, slide_index, size):
-        """[n, size, size, 3] patches of one slide, n <= STAIN_FIT_PATCHES (fewer when reads fail)."""
+    def _fit_slide_stain(self, slide_index, size):
+        """(the stain fit of STAIN_FIT_PATCHES of a slide's patches or None with a warning, the
+        slide's most typical of them as a target candidate: one per slide, up to 64 slides)."""
         rng = np.random.default_rng(slide_index)
-        patches = [self._try_read(slide_index, rng, size) for _ in range(2 * STAIN_FIT_PATCHES)]
-        patches = [p for p in patches if p is not None][:STAIN_FIT_PATCHES]
-        return np.stack(patches) if patches else np.empty((0, size, size, 3), np.uint8)
-
-    def _slide_stain_transform(self, slide, sample, target):
+        patches = []
+        for _ in range(2 * STAIN_FIT_PATCHES):
+            patch = self._try_read(slide_index, rng, size)
+            if patch is not None:
+                patches.append(patch)
+            if len(patches) == STAIN_FIT_PATCHES:
+                break
+        path = self.slides[slide_index].path
+        if not patches:
+            self.log(f'Warning: {path}: patches stay unnormalised (no patch of it could be read to fit the stain)')
+            return None, None
+        patches = np.stack(patches)
+        candidate = stain.representative_patch(patches) if slide_index % max(1, len(self.slides) // 64) == 0 else None
         try:
-            if not len(sample):
-                raise ValueError('no patch of it could be read')
-            return stain.transform(self.stain_norm, stain.fit(self.stain_norm, sample), target)
+            return stain.fit(self.stain_norm, patches), candidate
         except ValueError as e:
-            self.log(f'Warning: {slide.path}: patches stay unnormalised ({e})')
-            return lambda rgb: rgb
+            self.log(f'Warning: {path}: patches stay unnormalised ({e})')
+            return None, candidate
 
     # -- public API ---------------------------------------------------------------------------
 

@@ -159,6 +159,7 @@ def test_default_target_is_a_cohort_patch_saved_with_before_and_after_overviews(
     try:
         run_dir = tmp_path / 'run'
         data.write_overview(str(run_dir))
+        assert data.sampler.problems_path == str(run_dir / 'read-problems.txt')
         target = cv2.cvtColor(cv2.imread(str(run_dir / 'stain-target.png')), cv2.COLOR_BGR2RGB)
         assert target.shape == (64, 64, 3) and np.array_equal(target, data.sampler.stain_target_image)
         pair = cv2.imread(str(run_dir / 'slide-overviews' / 'overview-000-slide.svs-stain.png'))

@@ -16,9 +16,9 @@ READ_WARNING = re.compile(r'Warning: (reading|dropping)|Read problems:|resamplin
 
 
 def test_healthy_slide_edges_and_tiny_coarse_reads_give_no_warnings(tmp_path, mask_cache, messages):
-    # A 64x48 top level: at LOD 3 a 4-px patch is a 4-px read, which must be looked at whole.
-    wsi.write_pyramidal_tiff(str(tmp_path / 'a.svs'), slide_image(4096, 3072, [(1024, 768, 3072, 2304)]),
-                             aperio=True, level_factor=4, min_level_size=64)
+    # A 32x24 top level: at LOD 3 a 4-px patch is a 4-px read, which must be looked at whole.
+    wsi.write_pyramidal_tiff(str(tmp_path / 'a.svs'), slide_image(2048, 1536, [(512, 384, 1536, 1152)]),
+                             aperio=True, level_factor=4, min_level_size=32)
     with wsi.PatchSampler(str(tmp_path), resolution=32, downsample=8, mask_cache_dir=mask_cache, seed=3,
                           num_threads=2, log=messages.append) as sampler:
         assert sampler.slides[0].level_downsamples[-1] == 64
