@@ -529,8 +529,9 @@ class PatchSampler:
                     restrict_to_regions(info, roi_dir, roi_labels, roi_missing == 'tissue')
         self._apply_labels(infos, slide_dir, label_file, max_label_size)
         self._report_problems(slide_dir, infos)
-        if patch_um is None and mixed_magnification_warning(infos):
-            self.log(f'Warning: {slide_dir}: {mixed_magnification_warning(infos)}')
+        mixed = mixed_magnification_warning(infos) if patch_um is None else None
+        if mixed:
+            self.log(f'Warning: {slide_dir}: {mixed}')
         self.slides = [info for info in infos if info.problem is None]
         self.slide_paths = [info.path for info in self.slides]
         self.max_lod = self.resolution_log2 - 2   # field of view is the same at every LOD
