@@ -64,10 +64,12 @@ grid        = EasyDict(size='1080p', layout='random')       # The fakesNNNNNN.pn
 # demowsi: three small synthetic slides, written on first use (32-px patches, a 256-px field);
 # -wsi: your folder of .svs scans; -wsi-labels: plus a CSV of (slide file, class) for the -cond lines;
 # -kidney-256: two scanner formats, half the patches colour/warp-augmented, random quarter turns.
+# -wsi-cohort: 512 um per patch whatever the scanner's MPP, only QuPath 'Tumor' regions, Macenko stain (README).
 desc += '-demowsi';         dataset = EasyDict(class_name='dataset.WSIDataset', tfrecord_dir='demo-wsi', wsi_ext=['.svs', '.tif'], resolution=32, downsample=8, create_demo=True); train.mirror_augment = True
 #desc += '-wsi';             dataset = EasyDict(class_name='dataset.WSIDataset', tfrecord_dir='my-slides', wsi_ext='.svs', resolution=512, downsample=4); train.mirror_augment = True
 #desc += '-wsi-labels';      dataset = EasyDict(class_name='dataset.WSIDataset', tfrecord_dir='my-slides', wsi_ext='.svs', resolution=512, downsample=4, label_file='my-slides/labels.csv'); train.mirror_augment = True
 #desc += '-kidney-256';      dataset = EasyDict(class_name='dataset.WSIDataset', tfrecord_dir='kidney-biopsies', wsi_ext=['.svs', '.ndpi'], resolution=256, downsample=2, augment=0.5, rotate90=True); train.mirror_augment = True
+#desc += '-wsi-cohort';      dataset = EasyDict(class_name='dataset.WSIDataset', tfrecord_dir='my-slides', wsi_ext=['.svs', '.ndpi'], resolution=512, patch_um=512, roi_dir='datasets/my-rois', roi_labels=['Tumor'], stain_norm='macenko'); train.mirror_augment = True
 # Image benchmarks of the ProGAN paper and your own images, as TFRecords made by dataset_tool.py;
 # then random images of a given size, to time the networks without reading anything.
 #desc += '-celebahq';        dataset = EasyDict(tfrecord_dir='celebahq'); train.mirror_augment = True    # faces, 1024 px

@@ -76,6 +76,10 @@ class Dataset:
     def write_overview(self, result_subdir):
         """Pictures of where the data comes from, into the run directory; by default none."""
 
+    def tick_report(self):
+        """Lines to print at the end of each training tick (e.g. read problems); by default none."""
+        return []
+
     def close(self):
         """Release readers and files; by default there are none (tf.data's end with the graph)."""
 
@@ -316,7 +320,14 @@ class WSIDataset(Dataset):
                  min_tissue_fraction=0.01,  # Slides with less tissue than this are skipped.
                  weight_by_tissue=False,    # Pick slides in proportion to their tissue area, not equally often?
                  create_demo=False,         # Put the demo slides into the folder when it holds no slides.
-                 seed=None):
+                 seed=None,
+                 patch_um=None,             # Instead of downsample: micrometres a patch covers; each slide's MPP sets its downsample.
+                 default_mpp=None,          # With patch_um: um/px assumed for slides that record no MPP (else they are left out).
+                 roi_dir=None,              # Folder of QuPath GeoJSON exports, <slide name>.geojson: sample only inside their regions.
+                 roi_labels=None,           # Only regions of these classes (list of names); None = every region.
+                 roi_missing='leave_out',   # A slide without annotation file: 'leave_out', or 'tissue' to sample its whole tissue.
+                 stain_norm=None,           # None, 'reinhard' or 'macenko': normalise each slide's stain to the target.
+                 stain_target=None):        # Image file of the target stain; None = a typical patch of the slides (saved in the run dir).
         import wsi
         check_max_label_size(max_label_size)
         if create_demo and not (os.path.isdir(tfrecord_dir) and wsi.find_slides(tfrecord_dir, wsi_ext)):
@@ -329,7 +340,8 @@ class WSIDataset(Dataset):
             tfrecord_dir, wsi_ext=wsi_ext, resolution=resolution, downsample=downsample, label_file=label_file,
             max_label_size=max_label_size, recursive=recursive, mask_cache_dir=mask_cache_dir, rotate90=rotate90,
             min_tissue_fraction=min_tissue_fraction, weight_by_tissue=weight_by_tissue,
-            num_threads=num_threads, seed=seed)
+            num_threads=num_threads, seed=seed, patch_um=patch_um, default_mpp=default_mpp, roi_dir=roi_dir,
+            roi_labels=roi_labels, roi_missing=roi_missing, stain_norm=stain_norm, stain_target=stain_target)
         self.tfrecord_dir = tfrecord_dir
         self.resolution = resolution
         self.resolution_log2 = self.sampler.resolution_log2
@@ -395,8 +407,15 @@ class WSIDataset(Dataset):
         return self.sampler.random_labels(minibatch_size)
 
     def write_overview(self, result_subdir):
-        """Pictures of what is sampled from each slide, into the run directory."""
+        """Pictures of what is sampled from each slide and the stain target, into the run
+        directory, where read-problems.txt collects the details of failed reads from now on."""
         self.sampler.write_overview(os.path.join(result_subdir, 'slide-overviews'))
+        if self.sampler.stain_norm is not None:
+            self.sampler.write_stain_target(os.path.join(result_subdir, 'stain-target.png'))
+        self.sampler.problems_path = os.path.join(result_subdir, 'read-problems.txt')
+
+    def tick_report(self):
+        return self.sampler.tick_report()
 
     def close(self):
         if self._feed is not None:

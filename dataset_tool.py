@@ -505,28 +505,40 @@ def display(tfrecord_dir, out_path=None, count=64):
 
 
 def inspect_slides(slide_dir, wsi_ext=('.svs',), recursive=False, resolution=None, downsample=None,
-                   mask_cache_dir=None, min_tissue_fraction=0.01):
-    """Print each slide's vendor, levels, MPP, tissue fraction, and whether it is usable."""
+                   mask_cache_dir=None, min_tissue_fraction=0.01, patch_um=None, default_mpp=None):
+    """Print each slide's vendor, levels, MPP, tissue fraction, whether it is usable, and with a
+    resolution the downsample and field of view its patches get (from patch_um and its MPP, or
+    downsample); warn when a cohort mixes magnifications under downsample."""
+    if patch_um is not None and downsample is not None:
+        raise SystemExit('Give --patch_um or --downsample, not both')
     paths = wsi.find_slides(slide_dir, wsi_ext, recursive)
     if not paths:
         print(f'No files with extension {" ".join(wsi_ext)} in {slide_dir}')
         return []
     field_of_view = resolution * downsample if resolution and downsample else None
-    infos = wsi.inspect_slides(paths, mask_cache_dir, min_tissue_fraction, field_of_view)
+    infos = wsi.inspect_slides(paths, mask_cache_dir, min_tissue_fraction, field_of_view,
+                               patch_um=patch_um, default_mpp=default_mpp)
     for info in infos:
-        print(format_slide_info(info, slide_dir))
+        print(format_slide_info(info, slide_dir, resolution))
     usable = sum(info.problem is None for info in infos)
     print(f'{usable} of {len(infos)} slides usable')
+    mixed = wsi.mixed_magnification_warning(infos)
+    if mixed and patch_um is None:
+        print(f'Warning: {mixed}')
     return infos
 
 
-def format_slide_info(info, slide_dir):
+def format_slide_info(info, slide_dir, resolution=None):
     lines = [os.path.relpath(info.path, slide_dir)]
     if info.level_dimensions:
         mpp = f'{info.mpp:g} um/px' if info.mpp else 'unknown'
         lines.append(f'  vendor {info.vendor or "unknown"}, MPP {mpp}')
         levels = ', '.join(f'{w}x{h} (/{d:g})' for (w, h), d in zip(info.level_dimensions, info.level_downsamples))
         lines.append(f'  levels: {levels}')
+    if info.field_of_view and resolution:
+        microns = f' = {info.field_of_view * info.mpp:g} um' if info.mpp else ''
+        lines.append(f'  patches: downsample {info.field_of_view / resolution:g}, field of view '
+                     f'{info.field_of_view:g} px{microns}')
     if info.tissue_index is not None:
         lines.append(f'  tissue: {info.tissue_fraction:.1%} of the slide')
     lines.append('  usable' if info.problem is None else f'  NOT usable: {info.problem}')
@@ -575,8 +587,11 @@ def parse_args(argv):
         p.add_argument('slide_dir')
         p.add_argument('--wsi_ext', nargs='+', default=['.svs'])
         p.add_argument('--recursive', action='store_true')
-        p.add_argument('--resolution', type=int, default=None, help='with --downsample: check the field of view')
+        p.add_argument('--resolution', type=int, default=None,
+                       help='with --downsample or --patch_um: each slide\'s downsample and field of view')
         p.add_argument('--downsample', type=number, default=None)
+        p.add_argument('--patch_um', type=number, default=None, help='micrometres a patch covers (instead of --downsample)')
+        p.add_argument('--default_mpp', type=float, default=None, help='with --patch_um: um/px of slides without MPP')
         p.add_argument('--mask_cache_dir', default=None)
         p.add_argument('--min_tissue_fraction', type=float, default=0.01)
 
@@ -650,7 +665,7 @@ def main(argv=None):
                            args.wsi_ext, args.label_file, args.recursive, args.mask_cache_dir, args.seed)
     elif args.command in ('inspect_slides', 'info'):
         inspect_slides(args.slide_dir, args.wsi_ext, args.recursive, args.resolution, args.downsample,
-                       args.mask_cache_dir, args.min_tissue_fraction)
+                       args.mask_cache_dir, args.min_tissue_fraction, args.patch_um, args.default_mpp)
     elif args.command == 'display':
         display(args.tfrecord_dir, args.out, args.count)
     elif args.command in ORIGINAL_COMMANDS:

@@ -3,8 +3,50 @@
 `from tf_compat import tf` is the only way a module here should reach TensorFlow. Switching v2
 behaviour off has to happen once, before any graph is built, and importing this module is what
 guarantees that ordering for every caller.
+
+On a machine without an NVIDIA driver, a CUDA build of TensorFlow logs that it found no CUDA
+driver and that cuInit failed, from C++ straight to file descriptor 2, at import and at the
+first device query. Those lines look like errors and mean nothing there, so the import and a
+first device query run with descriptor 2 captured, and everything but those lines is passed on.
+With a driver nothing is captured: a GPU machine still logs its devices.
 """
 
-import tensorflow.compat.v1 as tf
+import contextlib
+import ctypes.util
+import os
+import re
+import sys
+import tempfile
+
+# Lines of TensorFlow's CUDA probe on a machine without a driver.
+CUDA_PROBE_LINE = re.compile(rb'cudart_stub\.cc|cuda_platform\.cc|cuda_executor\.cc|failed call to cuInit|'
+                             rb'Could not find cuda drivers')
+
+
+def has_nvidia_driver():
+    return os.path.exists('/dev/nvidiactl') or ctypes.util.find_library('cuda') is not None
+
+
+@contextlib.contextmanager
+def without_cuda_probe_lines():
+    """Capture descriptor 2 for the duration, then write back every line but CUDA_PROBE_LINE's."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not CUDA_PROBE_LINE.search(line)]
+            os.write(2, b''.join(kept))
+
+
+with contextlib.nullcontext() if has_nvidia_driver() else without_cuda_probe_lines():
+    import tensorflow.compat.v1 as tf
+    tf.config.list_physical_devices('GPU')     # the device query that calls cuInit, once per process
 
 tf.disable_v2_behavior()

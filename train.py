@@ -361,6 +361,8 @@ class _TrainingRun:
         now = time.time()
         total_time = now - self.train_start_time
         self._report_tick(now, total_time)
+        for line in getattr(self.training_set, 'tick_report', list)():    # A dataset of one's own may lack it.
+            print(line)
         self.tick_start_nimg = self.cur_nimg
         self.maintenance_start = now
         if self.cur_tick % self.opts.image_snapshot_ticks == 0 or done:

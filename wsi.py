@@ -14,6 +14,7 @@ import csv
 import ctypes
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import threading
@@ -25,6 +26,8 @@ import openslide.lowlevel
 import tifffile
 from tqdm import tqdm
 
+import stain
+
 MASK_MAX_SIZE = 2000          # long side of the thumbnail a tissue mask is computed on
 MASK_BLUR_SIGMA = 2.0         # thumbnail pixels
 MASK_ERODE_SIZE = 5           # thumbnail pixels; keeps patch centres off the tissue edge
@@ -35,7 +38,11 @@ MASK_ALGORITHM_VERSION = 1    # part of the cache key: bump when the mask recipe
 MAX_CONSECUTIVE_FAILURES = 5  # failed reads in a row before a slide is dropped
 MAX_ATTEMPTS_PER_PATCH = 50
 BLANK_PEAK_TO_PEAK = 10       # a read region this flat is a failed read, not tissue
+BLANK_CHECK_SAMPLES = 32      # per side: the blank check looks at this grid of a read region
 MAX_OPEN_HANDLES_PER_THREAD = 64
+MAX_PROBLEM_DETAILS_PER_TICK = 1000   # lines kept for read-problems.txt between two tick reports
+STAIN_FIT_PATCHES = 16        # per slide, to fit its stain normalisation
+STAIN_FIT_SIZE = 256          # patch side those are read at (the LOD-0 field of view)
 
 
 class NoUsableSlidesError(ValueError):
@@ -196,6 +203,8 @@ class SlideInfo:
     tissue_index: np.ndarray = None  # flat indices of tissue pixels in the mask
     mask_scale: tuple = (1.0, 1.0)  # level-0 pixels per mask pixel (x, y)
     class_index: int = -1
+    field_of_view: float = None     # level-0 pixels a patch covers (from MPP when patch size is in um)
+    region: object = None           # shapely geometry of the annotated regions sampled, None = all tissue
 
     @property
     def dimensions(self):
@@ -211,9 +220,11 @@ class SlideInfo:
         return mask
 
 
-def inspect_slide(path, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_view=None):
+def inspect_slide(path, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_view=None, patch_um=None,
+                  default_mpp=None):
     """Open a slide, load or build its tissue mask, and say whether it is usable and why not.
-    field_of_view: level-0 pixels a patch covers; a smaller slide is unusable."""
+    field_of_view: level-0 pixels a patch covers; or patch_um: micrometres it covers, turned into
+    level-0 pixels by the slide's MPP (default_mpp when it has none). A smaller slide is unusable."""
     info = SlideInfo(path)
     try:
         handle = openslide.OpenSlide(path)
@@ -226,10 +237,12 @@ def inspect_slide(path, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_
         info.mpp = float(props[openslide.PROPERTY_NAME_MPP_X]) if openslide.PROPERTY_NAME_MPP_X in props else None
         info.level_dimensions = tuple(handle.level_dimensions)
         info.level_downsamples = tuple(handle.level_downsamples)
+        info.field_of_view, info.problem = scaled_field_of_view(info.mpp, field_of_view, patch_um, default_mpp)
         width, height = info.dimensions
-        if field_of_view is not None and min(width, height) < field_of_view:
-            info.problem = (f'slide is {width}x{height} px, smaller than the {field_of_view}-px '
+        if info.problem is None and info.field_of_view is not None and min(width, height) < info.field_of_view:
+            info.problem = (f'slide is {width}x{height} px, smaller than the {info.field_of_view:g}-px '
                             f'field of view of a patch at every LOD')
+        if info.problem:
             return info
         mask, info.warning = load_or_build_mask(handle, path, mask_cache_dir or default_mask_cache_dir())
     except (openslide.OpenSlideError, OSError) as e:
@@ -248,13 +261,122 @@ def inspect_slide(path, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_
     return info
 
 
+def scaled_field_of_view(mpp, field_of_view=None, patch_um=None, default_mpp=None):
+    """(level-0 pixels a patch covers, problem or None): field_of_view as given, or patch_um
+    divided by the slide's MPP (or default_mpp when the slide records none)."""
+    if patch_um is None:
+        return field_of_view, None
+    mpp = mpp or default_mpp
+    if not mpp:
+        return None, ('its metadata give no microns per pixel (MPP), needed for patch_um: '
+                      'set default_mpp, or give downsample instead of patch_um')
+    return patch_um / mpp, None
+
+
 def inspect_slides(paths, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_view=None,
-                   num_threads=None, progress=True):
+                   num_threads=None, progress=True, patch_um=None, default_mpp=None):
     """inspect_slide over many slides in parallel (OpenSlide and OpenCV release the GIL)."""
     num_threads = num_threads or os.cpu_count() or 1
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        jobs = pool.map(lambda p: inspect_slide(p, mask_cache_dir, min_tissue_fraction, field_of_view), paths)
+        jobs = pool.map(lambda p: inspect_slide(p, mask_cache_dir, min_tissue_fraction, field_of_view,
+                                                patch_um, default_mpp), paths)
         return list(tqdm(jobs, total=len(paths), desc='Tissue masks', unit='slide', disable=not progress))
+
+
+def mixed_magnification_warning(infos, tolerance=0.1):
+    """A warning when the slides' MPPs differ by more than `tolerance` (relative), which under
+    `downsample` means patches of different physical sizes; else None."""
+    mpps = sorted({round(i.mpp, 4) for i in infos if i.mpp})
+    if len(mpps) < 2 or mpps[-1] <= mpps[0] * (1 + tolerance):
+        return None
+    return (f'the slides mix magnifications (MPP {", ".join(f"{m:g}" for m in mpps)} um/px): under downsample '
+            f'their patches cover different physical fields of view; give patch_um instead')
+
+
+# ----------------------------------------------------------------------------------------------
+# Annotated regions (QuPath GeoJSON exports).
+
+def roi_path(slide_path, roi_dir):
+    return os.path.join(roi_dir, os.path.splitext(os.path.basename(slide_path))[0] + '.geojson')
+
+
+def feature_class(feature):
+    """A GeoJSON feature's class name as QuPath exports it (properties.classification.name;
+    older exports: classification as a string, or properties.name), '' when it has none."""
+    props = feature.get('properties') or {}
+    classification = props.get('classification')
+    if isinstance(classification, dict):
+        return str(classification.get('name') or '')
+    return str(classification or props.get('name') or '')
+
+
+def load_regions(path, labels=None):
+    """The union (shapely, level-0 pixels) of the Polygon and MultiPolygon features of a GeoJSON
+    FeatureCollection or list of features, only those whose class is in labels when given;
+    None when none qualify."""
+    import shapely.geometry
+    import shapely.ops
+    import shapely.validation
+    with open(path, encoding='utf-8') as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{path}: not valid GeoJSON ({e}); export annotations from QuPath as GeoJSON') from None
+    if isinstance(data, dict):
+        features = data.get('features', [data] if data.get('type') == 'Feature' else None)
+    else:
+        features = data
+    if not isinstance(features, list):
+        raise ValueError(f'{path}: expected a GeoJSON FeatureCollection or a list of Features')
+    shapes = []
+    for feature in features:
+        geometry = feature.get('geometry') if isinstance(feature, dict) else None
+        if not geometry or geometry.get('type') not in ('Polygon', 'MultiPolygon'):
+            continue
+        if labels is not None and feature_class(feature) not in labels:
+            continue
+        shapes.append(shapely.validation.make_valid(shapely.geometry.shape(geometry)))
+    region = shapely.ops.unary_union(shapes) if shapes else None
+    return region if region is not None and region.area > 0 else None
+
+
+def polygons_of(geometry):
+    """The polygons in a shapely geometry (Polygon, MultiPolygon or a collection)."""
+    if geometry.geom_type == 'Polygon':
+        return [geometry]
+    return [p for part in getattr(geometry, 'geoms', []) for p in polygons_of(part)]
+
+
+def rasterise_regions(region, mask_shape, mask_scale):
+    """uint8 0/1 mask of the mask pixels lying wholly inside region (holes stay 0): the region is
+    shrunk by two pixel diagonals first, so a patch centre jittered within a marked pixel stays
+    inside it."""
+    raster = np.zeros(mask_shape, np.uint8)
+    shrunk = region.buffer(-2 * float(np.hypot(*mask_scale)))   # 2x: rounding and edge pixels
+    scale = np.array(mask_scale)
+    for polygon in polygons_of(shrunk):
+        rings = [polygon.exterior, *polygon.interiors]
+        cv2.fillPoly(raster, [np.round(np.asarray(r.coords)[:, :2] / scale - 0.5).astype(np.int32) for r in rings], 1)
+    return raster
+
+
+def restrict_to_regions(info, roi_dir, labels=None, whole_tissue_without_file=False):
+    """Limit a usable slide's patch centres to its annotated regions (roi_dir/<name>.geojson),
+    or say why it is left out."""
+    path = roi_path(info.path, roi_dir)
+    if not os.path.isfile(path):
+        if not whole_tissue_without_file:
+            info.problem = f'no annotation file {path} (roi_missing="tissue" samples its whole tissue instead)'
+        return
+    info.region = load_regions(path, labels)
+    wanted = f' of class {", ".join(labels)}' if labels is not None else ''
+    if info.region is None:
+        info.problem = f'{path} has no polygon{wanted}'
+        return
+    inside = rasterise_regions(info.region, info.mask_shape, info.mask_scale).ravel()
+    info.tissue_index = info.tissue_index[inside[info.tissue_index] > 0]
+    if len(info.tissue_index) == 0:
+        info.problem = f'its regions{wanted} in {path} hold no tissue'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +424,8 @@ def read_patch(handle, centre, field_of_view, size):
     top_left = clamp_top_left(centre, field_of_view, dimensions)
     top_left = snap_to_level_grid(top_left, level_downsamples[level], field_of_view, dimensions)
     rgb = read_region_rgb(handle, top_left, level, read_size)
-    if np.ptp(rgb[::4, ::4]) < BLANK_PEAK_TO_PEAK:   # subsampled: flat stays flat, 16x cheaper
+    step = max(1, read_size // BLANK_CHECK_SAMPLES)   # subsampled: flat stays flat; a tiny read is looked at whole
+    if np.ptp(rgb[::step, ::step]) < BLANK_PEAK_TO_PEAK:
         raise BlankRegionError(f'blank region at {top_left} level {level}')
     if read_size != size:
         interpolation = cv2.INTER_AREA if read_size > size else cv2.INTER_CUBIC
@@ -369,19 +492,26 @@ class PatchSampler:
     """Random tissue patches from a folder of slides, read by a persistent thread pool.
 
     sample(lod, count) -> (uint8 [count, 3, r, r], int64 [count] class index or -1),
-    r = resolution >> lod read at downsample << lod.
+    r = resolution >> lod read at downsample << lod. With patch_um instead of downsample, each
+    slide's downsample is patch_um / (its MPP * resolution): the same physical field of view.
+    roi_dir limits patch centres to annotated regions; stain_norm normalises every patch's stain
+    to a target (stain.py). Read problems are counted per slide; tick_report() summarises them.
     """
 
     def __init__(self, slide_dir, wsi_ext='.svs', resolution=512, downsample=4,
                  label_file=None, max_label_size=0, recursive=False, mask_cache_dir=None,
                  rotate90=False, min_tissue_fraction=0.01, weight_by_tissue=False,
-                 num_threads=None, seed=None, log=print):
+                 num_threads=None, seed=None, log=print, patch_um=None, default_mpp=None,
+                 roi_dir=None, roi_labels=None, roi_missing='leave_out', stain_norm=None, stain_target=None):
         self.resolution_log2 = int(np.log2(resolution))
         if resolution != 2 ** self.resolution_log2 or resolution < 4:
             raise ValueError(f'resolution must be a power of two >= 4, got {resolution}')
+        if roi_missing not in ('leave_out', 'tissue'):
+            raise ValueError(f"roi_missing must be 'leave_out' or 'tissue', got {roi_missing!r}")
+        stain.check_method(stain_norm)
         self.resolution = resolution
-        self.downsample = downsample
-        self.field_of_view = resolution * downsample
+        self.downsample = None if patch_um is not None else downsample
+        self.field_of_view = None if patch_um is not None else resolution * downsample   # per slide otherwise
         self.shape = [3, resolution, resolution]
         self.rotate90 = rotate90
         self.num_threads = num_threads or os.cpu_count() or 1
@@ -391,9 +521,17 @@ class PatchSampler:
         paths = find_slides(slide_dir, wsi_ext, recursive)
         if not paths:
             raise NoUsableSlidesError(f'No files with extension {wsi_ext} in {slide_dir}')
-        infos = inspect_slides(paths, self.mask_cache_dir, min_tissue_fraction, self.field_of_view, self.num_threads)
+        infos = inspect_slides(paths, self.mask_cache_dir, min_tissue_fraction, self.field_of_view, self.num_threads,
+                               patch_um=patch_um, default_mpp=default_mpp)
+        if roi_dir is not None:
+            for info in infos:
+                if info.problem is None:
+                    restrict_to_regions(info, roi_dir, roi_labels, roi_missing == 'tissue')
         self._apply_labels(infos, slide_dir, label_file, max_label_size)
         self._report_problems(slide_dir, infos)
+        mixed = mixed_magnification_warning(infos) if patch_um is None else None
+        if mixed:
+            self.log(f'Warning: {slide_dir}: {mixed}')
         self.slides = [info for info in infos if info.problem is None]
         self.slide_paths = [info.path for info in self.slides]
         self.max_lod = self.resolution_log2 - 2   # field of view is the same at every LOD
@@ -408,7 +546,14 @@ class PatchSampler:
         self._local = threading.local()
         self._thread_handles = []   # every thread's handle cache, so close() can close them
         self.patches_read = 0       # by the readers, read-ahead included
+        self.read_problems = [collections.Counter() for _ in self.slides]   # cause -> count, since the last tick
+        self._problem_details = []  # lines for read-problems.txt, written at the next tick
+        self.problems_path = None   # read-problems.txt once the run directory is known
         self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix='wsi-reader')
+        self.stain_norm = stain_norm
+        self._stain_transforms = None   # per slide, once fitted
+        if stain_norm is not None:
+            self._fit_stain(stain_target)
 
     def _apply_labels(self, infos, slide_dir, label_file, max_label_size):
         self.class_names = []
@@ -431,6 +576,49 @@ class PatchSampler:
         if all(info.problem for info in infos):
             listing = '\n'.join(f'  {info.path}: {info.problem}' for info in infos)
             raise NoUsableSlidesError(f'No usable slide in {slide_dir}:\n{listing}')
+
+    def _fit_stain(self, target_path):
+        """A stain transform per slide, fitted to STAIN_FIT_PATCHES of its patches, towards the
+        target image, or by default towards the cohort's most typical patch (stain_target_image)."""
+        size = min(self.resolution, STAIN_FIT_SIZE)
+        fits = list(self._pool.map(lambda index: self._fit_slide_stain(index, size), range(len(self.slides))))
+        if target_path is not None:
+            self.stain_target_image = stain.read_target_image(target_path)
+        else:
+            candidates = [patch for _, patch in fits if patch is not None]
+            if not candidates:
+                raise NoUsableSlidesError('No patch could be read to pick a stain target from; see the warnings above')
+            self.stain_target_image = stain.representative_patch(np.stack(candidates))
+        try:
+            target = stain.fit(self.stain_norm, self.stain_target_image)
+        except ValueError as e:
+            raise ValueError(f'stain_target {target_path or "(picked from the slides)"}: {e}; '
+                             f'give a stain_target image showing stained tissue') from None
+        self._stain_transforms = [stain.transform(self.stain_norm, source, target) if source is not None
+                                  else (lambda rgb: rgb) for source, _ in fits]
+
+    def _fit_slide_stain(self, slide_index, size):
+        """(the stain fit of STAIN_FIT_PATCHES of a slide's patches or None with a warning, the
+        slide's most typical of them as a target candidate: one per slide, up to 64 slides)."""
+        rng = np.random.default_rng(slide_index)
+        patches = []
+        for _ in range(2 * STAIN_FIT_PATCHES):
+            patch = self._try_read(slide_index, rng, size)
+            if patch is not None:
+                patches.append(patch)
+            if len(patches) == STAIN_FIT_PATCHES:
+                break
+        path = self.slides[slide_index].path
+        if not patches:
+            self.log(f'Warning: {path}: patches stay unnormalised (no patch of it could be read to fit the stain)')
+            return None, None
+        patches = np.stack(patches)
+        candidate = stain.representative_patch(patches) if slide_index % max(1, len(self.slides) // 64) == 0 else None
+        try:
+            return stain.fit(self.stain_norm, patches), candidate
+        except ValueError as e:
+            self.log(f'Warning: {path}: patches stay unnormalised ({e})')
+            return None, candidate
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -491,7 +679,9 @@ class PatchSampler:
         return self.labels_onehot([self.slides[i].class_index for i in slides])
 
     def write_overview(self, out_dir, boxes_per_slide=8, max_size=1000):
-        """One PNG per slide: thumbnail, tissue-mask outline (green), sampled patch boxes (red)."""
+        """One PNG per slide: thumbnail, tissue-mask outline (green), annotated regions (blue),
+        sampled patch boxes (red); with stain normalisation also one patch per slide before
+        (left) and after (right) normalisation."""
         os.makedirs(out_dir, exist_ok=True)
         rng = np.random.default_rng(0)
         paths = []
@@ -502,15 +692,35 @@ class PatchSampler:
             mask = cv2.resize(slide.mask(), (picture.shape[1], picture.shape[0]), interpolation=cv2.INTER_NEAREST)
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             cv2.drawContours(picture, contours, -1, (0, 200, 0), 2)
+            if slide.region is not None:
+                rings = [r for p in polygons_of(slide.region) for r in (p.exterior, *p.interiors)]
+                cv2.polylines(picture, [np.round(np.asarray(r.coords)[:, :2] * scale).astype(np.int32) for r in rings],
+                              True, (0, 0, 230), 2)
+            fov = slide.field_of_view
             for _ in range(boxes_per_slide):
-                x0, y0 = clamp_top_left(self._random_centre(slide, rng), self.field_of_view, slide.dimensions)
+                x0, y0 = clamp_top_left(self._random_centre(slide, rng), fov, slide.dimensions)
                 corner = (round(x0 * scale), round(y0 * scale))
-                far = (round((x0 + self.field_of_view) * scale), round((y0 + self.field_of_view) * scale))
+                far = (round((x0 + fov) * scale), round((y0 + fov) * scale))
                 cv2.rectangle(picture, corner, far, (220, 0, 0), 2)
-            path = os.path.join(out_dir, f'overview-{index:03d}-{os.path.basename(slide.path)}.png')
-            write_png(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-            paths.append(path)
+            name = f'overview-{index:03d}-{os.path.basename(slide.path)}'
+            paths.append(os.path.join(out_dir, name + '.png'))
+            write_png(paths[-1], cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+            if self._stain_transforms is not None:
+                paths.append(os.path.join(out_dir, name + '-stain.png'))
+                self._write_stain_example(paths[-1], index, rng)
         return paths
+
+    def write_stain_target(self, path):
+        write_png(path, cv2.cvtColor(self.stain_target_image, cv2.COLOR_RGB2BGR))
+
+    def _write_stain_example(self, path, slide_index, rng):
+        """One patch of a slide as read (left) and stain-normalised (right)."""
+        for _ in range(MAX_ATTEMPTS_PER_PATCH):
+            patch = self._try_read(slide_index, rng, self.resolution)
+            if patch is not None:
+                pair = np.concatenate([patch, self._stain_transforms[slide_index](patch)], 1)
+                write_png(path, cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
+                return
 
     def close(self):
         self._pool.shutdown(wait=True)
@@ -532,6 +742,8 @@ class PatchSampler:
         rng = np.random.default_rng(seed)
         for i in range(begin, end):
             patch, slide_index = self._read_random_patch(rng, size)
+            if self._stain_transforms is not None:
+                patch = self._stain_transforms[slide_index](patch)
             if self.rotate90:
                 patch = self._rotate(patch, rng)
             cv2.split(patch, list(images[i]))   # HWC -> CHW straight into the batch
@@ -544,15 +756,22 @@ class PatchSampler:
         slide failing MAX_CONSECUTIVE_FAILURES times in a row is dropped."""
         for _ in range(MAX_ATTEMPTS_PER_PATCH):
             slide_index = self._choose_slide(rng)
-            slide = self.slides[slide_index]
-            try:
-                patch = read_patch(self._handle(slide.path), self._random_centre(slide, rng), self.field_of_view, size)
-            except (openslide.OpenSlideError, OSError, BlankRegionError) as e:
-                self._record_failure(slide_index, e)
-                continue
-            self._consecutive_failures[slide_index] = 0
-            return patch, slide_index
+            patch = self._try_read(slide_index, rng, size)
+            if patch is not None:
+                return patch, slide_index
         raise RuntimeError(f'{MAX_ATTEMPTS_PER_PATCH} reads in a row failed; see the warnings above')
+
+    def _try_read(self, slide_index, rng, size):
+        """A patch from a random tissue location of one slide, or None once the failure is recorded."""
+        slide = self.slides[slide_index]
+        centre = self._random_centre(slide, rng)
+        try:
+            patch = read_patch(self._handle(slide.path), centre, slide.field_of_view, size)
+        except (openslide.OpenSlideError, OSError, BlankRegionError) as e:
+            self._record_failure(slide_index, centre, e)
+            return None
+        self._consecutive_failures[slide_index] = 0
+        return patch
 
     def _choose_slide(self, rng):
         """A slide index drawn by the slide weights among the slides not dropped."""
@@ -590,20 +809,44 @@ class PatchSampler:
             handles.popitem(last=False)[1].close()
         return handle
 
-    def _record_failure(self, slide_index, error):
+    def _record_failure(self, slide_index, centre, error):
+        """Count a failed read for the tick report and read-problems.txt; warn (once) only when
+        the slide is dropped."""
         # An OpenSlide handle is unusable after an error: close it, reopen on the next read.
         handles = getattr(self._local, 'handles', {})
         path = self.slides[slide_index].path
         if path in handles:
             handles.pop(path).close()
+        cause = type(error).__name__
         with self._lock:
             self._consecutive_failures[slide_index] += 1
             failures = self._consecutive_failures[slide_index]
-            if failures == 1:
-                self.log(f'Warning: reading {path} failed, resampling elsewhere ({type(error).__name__}: {error})')
+            self.read_problems[slide_index][cause] += 1
+            if len(self._problem_details) < MAX_PROBLEM_DETAILS_PER_TICK:
+                x, y = centre
+                self._problem_details.append(f'{path}\tcentre ({x:.0f}, {y:.0f})\t{cause}: {error}')
             if failures >= MAX_CONSECUTIVE_FAILURES and self._active[slide_index]:
                 self._active[slide_index] = False
-                self.log(f'Warning: dropping {path} after {failures} failed reads in a row')
+                self.log(f'Warning: dropping {path} after {failures} failed reads in a row (last: {cause}: '
+                         f'{error}); it is left out from now on')
+
+    def tick_report(self):
+        """One line per slide with read problems since the last call (count, commonest cause),
+        and those problems' details appended to problems_path (when set)."""
+        with self._lock:
+            counts, self.read_problems = self.read_problems, [collections.Counter() for _ in self.slides]
+            details, self._problem_details = self._problem_details, []
+        if details and self.problems_path:
+            with open(self.problems_path, 'a', encoding='utf-8') as f:
+                f.writelines(line + '\n' for line in details)
+        where = f'; details in {self.problems_path}' if self.problems_path else ''
+        lines = []
+        for slide, causes in zip(self.slides, counts):
+            if causes:
+                cause, count = causes.most_common(1)[0]
+                lines.append(f'Read problems: {slide.path}: {sum(causes.values())} since the last tick, '
+                             f'mostly {cause} ({count}){where}')
+        return lines
 
 
 # ----------------------------------------------------------------------------------------------

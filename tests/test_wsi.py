@@ -379,9 +379,12 @@ def test_corrupt_tiles_are_resampled_elsewhere_and_the_slide_dropped(tmp_path, m
         assert_no_blank_patches(images)
         images, _ = run_with_timeout(lambda: sampler.sample(2, 64), 60)
         assert_no_blank_patches(images)
+        report = sampler.tick_report()
+        assert sampler.tick_report() == []                  # counts start again after each report
     about_bad = warnings_about(messages, bad)
-    assert any('failed' in m for m in about_bad) and any('dropping' in m for m in about_bad)
+    assert len(about_bad) == 1 and 'dropping' in about_bad[0] and 'failed' in about_bad[0]
     assert not warnings_about(messages, good)
+    assert len(report) == 1 and report[0].startswith(f'Read problems: {bad}: ') and 'mostly OpenSlideError' in report[0]
 
 
 def test_only_corrupt_slides_raise_instead_of_hanging(tmp_path, mask_cache, messages):
