@@ -209,7 +209,7 @@ class OutputLogger:
         try:
             action(self.file)
         except OSError as error:
-            sys.__stderr__.write('Writing %s failed (%s); output from here on is not logged\n' % (
+            sys.__stderr__.write('\nWriting %s failed (%s); output from here on is not logged\n' % (
                 self.file.name, error.strerror or error))
             try:
                 self.file.close()
