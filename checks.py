@@ -143,12 +143,9 @@ def check_resolution(dataset_kwargs):
         raise ConfigError('dataset.resolution must be a power of two >= 4 (4, 8, 16, ..., 1024), not %r' % (resolution,))
 
 
-def _is_number(value):
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
 def _positive_number(value):
-    return _is_number(value) and math.isfinite(value) and value > 0
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return is_number and math.isfinite(value) and value > 0
 
 
 def _positive_int(value):

@@ -69,9 +69,10 @@ def remove_stale_partial_files(run_dir):
     atomic_write_bytes' cleanup). Stale means the writing process is gone, or the file is older
     than the run's newest complete network pickle (the PID may have been reused since). Returns
     (names removed, bytes freed)."""
-    newest_pkl = max((os.path.getmtime(path) for path in glob.glob(os.path.join(run_dir, 'network-*.pkl'))), default=None)
+    folder = glob.escape(run_dir)
+    newest_pkl = max((os.path.getmtime(path) for path in glob.glob(os.path.join(folder, 'network-*.pkl'))), default=None)
     removed, freed = [], 0
-    for path in glob.glob(os.path.join(glob.escape(run_dir), '*' + PARTIAL_MARK + '*')):
+    for path in glob.glob(os.path.join(folder, '*' + PARTIAL_MARK + '*')):
         pid = re.search(re.escape(PARTIAL_MARK) + r'(\d+)$', path)
         if pid is None:
             continue
