@@ -17,6 +17,7 @@ import PIL.Image
 import pytest
 
 import checks
+import config
 import dataset_tool
 import misc
 import snapshots
@@ -70,6 +71,17 @@ def test_stale_partial_files_are_those_of_dead_writers_or_older_than_the_newest_
     removed, freed = misc.remove_stale_partial_files(str(tmp_path))
     assert sorted(removed) == sorted([dead, reused]) and freed == 2000
     assert sorted(os.listdir(tmp_path)) == sorted(['network-snapshot-000009.pkl', writing])
+
+
+def test_latest_tidies_the_run_it_resumes_and_the_later_ones_that_died_before_a_snapshot(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, 'result_dir', str(tmp_path))
+    for name, has_pickle in [('000-old', True), ('001-source', True), ('002-died', False), ('003-died', False)]:
+        (tmp_path / name).mkdir()
+        if has_pickle:
+            (tmp_path / name / 'network-snapshot-000001.pkl').write_bytes(b'pickle')
+    assert snapshots.runs_to_tidy('latest') == [str(tmp_path / name) for name in ['001-source', '002-died', '003-died']]
+    assert snapshots.runs_to_tidy(str(tmp_path / '000-old')) == [str(tmp_path / '000-old')]
+    assert snapshots.runs_to_tidy(None) == []
 
 
 # ----------------------------------------------------------------------------
@@ -313,7 +325,7 @@ def fill_up(folder):
 def test_full_disk_stops_with_the_newest_good_snapshot_and_the_resume_command(data8, small_disk, tmp_path):
     results = str(small_disk / 'results')
     cfg = write_config(tmp_path / 'full.py', results, dict(tfrecord_dir=data8), desc='full', sched=SCHED,
-                       train=dict(total_kimg=2.0, resume_run_id='latest'))
+                       train=dict(total_kimg=2.0, resume_run_id='latest', network_snapshot_keep=1))
     out_path = tmp_path / 'out.txt'
     with open(out_path, 'wb') as out:
         proc = subprocess.Popen([sys.executable, 'train.py', cfg], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -340,8 +352,12 @@ def test_full_disk_stops_with_the_newest_good_snapshot_and_the_resume_command(da
     for png in glob.glob(os.path.join(run_dir, '*.png')):
         PIL.Image.open(png).load()      # Every image there is whole (a name that repeats keeps its last good one).
 
-    # Once there is space, the command given resumes from that snapshot.
+    # Once there is space, the command given resumes from that snapshot. Its ticks (every 0.256
+    # kimg up to 2.048) write snapshots named 000000, 000001 and 000002, of which it keeps the newest.
     os.remove(filler)
     resumed = run_train(cfg)
     assert resumed.returncode == 0
-    assert 'Loading networks from "%s"' % newest in log_text(run_dirs(results)[-1])
+    resumed_dir = run_dirs(results)[-1]
+    assert 'Loading networks from "%s"' % newest in log_text(resumed_dir)
+    assert [os.path.basename(p) for p in misc.list_network_pkls(resumed_dir)] == [
+        'network-snapshot-000002.pkl', 'network-final.pkl']
