@@ -225,7 +225,7 @@ def test_snapshot_count_follows_the_tick_length_of_each_resolution():
 
 
 # ----------------------------------------------------------------------------
-# Bad values: each fails with its own message within 2 s, and TensorFlow is never imported
+# Bad values: each fails with its own message in about a second, and TensorFlow is never imported
 # (`python -X importtime` lists every module the process imports).
 
 
@@ -288,7 +288,7 @@ BAD_VALUES = {
 
 
 @pytest.mark.parametrize('case', sorted(BAD_VALUES))
-def test_bad_values_fail_within_2_s_before_tensorflow_loads(case, slides, tfrecords, tmp_path):
+def test_bad_values_fail_in_seconds_before_tensorflow_loads(case, slides, tfrecords, tmp_path):
     """Each config is right but for the one value, so without its check training would start."""
     changes, *expected = BAD_VALUES[case]
     changes = dict(changes)
