@@ -116,6 +116,9 @@ desc += '-fp32'; sched.max_minibatch_per_gpu = {256: 16, 512: 8, 1024: 4}
 #desc += '-norepeat'; train.minibatch_repeats = 1   # schedule rechecked after every minibatch instead of every 4
 #desc += '-noreset'; train.reset_opt_for_new_lod = False    # Adam keeps its moments when a new resolution comes in
 
+# Disk space: keep only the newest few network-snapshot-*.pkl (network-final.pkl always stays).
+#train.network_snapshot_keep = 3    # None, the default, keeps every snapshot
+
 # Special modes for measuring and debugging, not for real training.
 # BENCHMARK: 3 kimg per phase through every resolution, no snapshots, to time each; BENCHMARK0: 10 kimg at full size.
 #desc += '-BENCHMARK'; sched.lod_initial_resolution = 4; sched.lod_training_kimg = 3; sched.lod_transition_kimg = 3; train.total_kimg = (8*2+1)*3; sched.tick_kimg_base = 1; sched.tick_kimg_dict = {}; train.image_snapshot_ticks = 1000; train.network_snapshot_ticks = 1000    # time each phase

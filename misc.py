@@ -46,7 +46,7 @@ def pkl_bytes(obj):
 def atomic_write_bytes(filename, data):
     """Write `data` to a temporary file beside `filename`, sync it and rename it into place: other
     processes, and the disk after a crash, see the old file or the complete new one."""
-    partial = '%s.tmp-%d' % (filename, os.getpid())
+    partial = '%s%s%d' % (filename, PARTIAL_MARK, os.getpid())
     try:
         with open(partial, 'wb') as file:
             file.write(data)
@@ -54,9 +54,49 @@ def atomic_write_bytes(filename, data):
             os.fsync(file.fileno())
         os.replace(partial, filename)
         _fsync_dir(os.path.dirname(os.path.abspath(filename)))
+    except OSError as error:
+        error.filename = filename       # write() and fsync() name no file; the message should.
+        raise
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+PARTIAL_MARK = '.tmp-'      # A file being written is named <final name>.tmp-<PID of the writer>.
+
+
+def remove_stale_partial_files(run_dir):
+    """Remove the temporary files that writers killed mid-write left in run_dir (a SIGKILL skips
+    atomic_write_bytes' cleanup). Stale means the writing process is gone, or the file is older
+    than the run's newest complete network pickle (the PID may have been reused since). Returns
+    (names removed, bytes freed)."""
+    folder = glob.escape(run_dir)
+    newest_pkl = max((os.path.getmtime(path) for path in glob.glob(os.path.join(folder, 'network-*.pkl'))), default=None)
+    removed, freed = [], 0
+    for path in glob.glob(os.path.join(folder, '*' + PARTIAL_MARK + '*')):
+        pid = re.search(re.escape(PARTIAL_MARK) + r'(\d+)$', path)
+        if pid is None:
+            continue
+        try:
+            stat = os.stat(path)
+            if _process_alive(int(pid.group(1))) and (newest_pkl is None or stat.st_mtime >= newest_pkl):
+                continue
+            os.remove(path)
+        except FileNotFoundError:       # Its writer finished (or cleaned up) meanwhile.
+            continue
+        removed.append(os.path.basename(path))
+        freed += stat.st_size
+    return removed, freed
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # Alive, but someone else's.
+        return True
+    return True
 
 
 def _fsync_dir(dirname):
@@ -130,8 +170,11 @@ def save_image(image, filename, drange=[0, 1], quality=95):
 
 
 def save_image_grid(images, filename, drange=[0, 1], grid_size=None):
-    grid = create_image_grid(images, grid_size)
-    convert_to_pil_image(grid, drange).save(filename)
+    """Save the images as one grid image, atomically (the format follows the file name)."""
+    encoded = io.BytesIO()
+    pil_image = convert_to_pil_image(create_image_grid(images, grid_size), drange)
+    pil_image.save(encoded, PIL.Image.registered_extensions()[os.path.splitext(filename)[1].lower()])
+    atomic_write_bytes(filename, encoded.getvalue())
 
 
 # ----------------------------------------------------------------------------
@@ -153,15 +196,28 @@ class OutputLogger:
             self.buffer = None
 
     def write(self, data):
-        if self.file is not None:
-            self.file.write(data)
-            self.file.flush()
+        self._to_file(lambda file: (file.write(data), file.flush()))
         if self.buffer is not None:
             self.buffer.write(data)
 
     def flush(self):
-        if self.file is not None:
-            self.file.flush()
+        self._to_file(lambda file: file.flush())
+
+    def _to_file(self, action):
+        """Apply action to the log file, if any. When that fails (e.g. a full disk) logging stops
+        and the console, which gets the same output, carries on."""
+        if self.file is None:
+            return
+        try:
+            action(self.file)
+        except OSError as error:
+            sys.__stderr__.write('\nWriting %s failed (%s); output from here on is not logged\n' % (
+                self.file.name, error.strerror or error))
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            self.file = None
 
     def close(self):
         if self.file is not None:
@@ -410,6 +466,23 @@ def read_tick_lines(result_subdir):
         return []
     with open(log_file, 'rt', encoding='utf-8', errors='replace') as file:
         return [tick for tick in map(parse_tick_line, file) if tick is not None]
+
+
+# ----------------------------------------------------------------------------
+# The schedule's LOD, for train.TrainingSchedule and for the pre-flight disk check (which counts
+# a run's ticks before TensorFlow loads).
+
+
+def lod_at(kimg, resolution_log2, initial_resolution, stable_kimg, fade_kimg):
+    """The LOD after `kimg`: one level less per completed phase, minus the part of the current
+    phase's fade already done; never below 0 (full resolution)."""
+    phase_kimg = stable_kimg + fade_kimg
+    phases_done = int(np.floor(kimg / phase_kimg)) if phase_kimg > 0 else 0
+    kimg_into_phase = kimg - phases_done * phase_kimg
+    lod = resolution_log2 - np.floor(np.log2(initial_resolution)) - phases_done
+    if fade_kimg > 0:
+        lod -= max(kimg_into_phase - stable_kimg, 0.0) / fade_kimg
+    return max(lod, 0.0)
 
 
 # ----------------------------------------------------------------------------

@@ -12,6 +12,9 @@ Resuming, train.py asks this module once, `load_resume_point`: `locate_resume_pk
 resume_run_id (a run, a pickle or 'latest') into a pickle, `load_resume_state` finds its entry and
 `resume_progress` fills in kimg and time; later `restore_optimizers` and `restore_random_state`
 put the saved optimizer and numpy random state back.
+
+TensorFlow is imported only by the functions that touch variables: the pre-flight checks use
+the rest (finished runs, stale temporary files) before it loads.
 """
 
 import collections
@@ -27,7 +30,6 @@ import numpy as np
 
 import config
 import misc
-import tfutil
 
 RESUME_STATE_FILE = 'resume-state.json'
 _OPTIMIZER_STATE_GLOB = 'optimizer-state-*.npz'
@@ -123,6 +125,7 @@ def restore_optimizer_state(npz_path, variables, same_phase):
     """Put saved optimizer state back into `variables`. The loss scales always come back, as training
     never resets them; the Adam slots only when the run resumes in the LOD phase they were saved in,
     since training would have reset them at the phase change. Returns {variable: value} set."""
+    import tfutil
     saved = _read_npz(npz_path)
     if saved is None:
         return {}
@@ -164,15 +167,18 @@ class SnapshotWriter:
     pickle, still matched by 'previous'; a kill after the pickle leaves the new one with its entry.
     Either way the newest pickle on disk has exact resume state, which writing the json last would
     not give. The .npz comes first so that the json never names a file not yet written. Older
-    optimizer-state files are then removed, except those the two entries name."""
+    optimizer-state files are then removed, except those the two entries name, and with
+    `keep` = N all but the newest N network-snapshot-*.pkl."""
 
-    def __init__(self, result_subdir, G, D, Gs, G_opt, D_opt):
+    def __init__(self, result_subdir, G, D, Gs, G_opt, D_opt, keep=None):
         self.result_subdir = result_subdir
         self.networks = (G, D, Gs)
         self.opt_vars = G_opt.variables() + D_opt.variables()
+        self.keep = keep
         self.last_name = None       # The newest pickle this run wrote, for messages.
 
     def save(self, name, cur_nimg, total_time, cur_tick, lod):
+        import tfutil
         pickled = misc.pkl_bytes(self.networks)
         opt_values = dict(zip(self.opt_vars, tfutil.run(self.opt_vars)))
         npz_name = optimizer_state_name(cur_nimg)
@@ -184,6 +190,8 @@ class SnapshotWriter:
         misc.atomic_write_bytes(network_pkl, pickled)
         self._remove_stale_optimizer_states({npz_name} | {old.get('optimizer_state') for old in on_disk})
         self.last_name = name
+        if self.keep is not None:
+            remove_old_snapshots(self.result_subdir, self.keep)
         return network_pkl
 
     @staticmethod
@@ -206,6 +214,16 @@ class SnapshotWriter:
         for path in glob.glob(os.path.join(self.result_subdir, _OPTIMIZER_STATE_GLOB)):
             if os.path.basename(path) not in keep:
                 os.remove(path)
+
+
+def remove_old_snapshots(result_subdir, keep):
+    """Delete all but the newest `keep` network-snapshot-*.pkl of a run (network-final.pkl stays).
+    The pickle resume-state.json names as the newest is never deleted, whatever its name says."""
+    named = {entry.get('snapshot') for entry in resume_state_entries(read_resume_state(result_subdir))[:1]}
+    numbered = sorted(glob.glob(os.path.join(result_subdir, 'network-snapshot-*.pkl')))
+    for path in numbered[:max(len(numbered) - keep, 0)]:
+        if os.path.basename(path) not in named:
+            os.remove(path)
 
 # ----------------------------------------------------------------------------
 # Continuing a run: which pickle, and at what kimg and time.
@@ -262,6 +280,31 @@ def locate_resume_pkl(resume_run_id, resume_snapshot=None):
               config.result_dir)
         return None
     return misc.locate_network_pkl(run_dir, resume_snapshot)
+
+
+def finished_latest_run(total_kimg):
+    """With resume_run_id='latest': the network-final.pkl of the newest run with a snapshot when
+    that run has already trained to total_kimg (so there is nothing to resume), else None."""
+    run_dir = latest_run_with_snapshot(config.result_dir)
+    final = os.path.join(run_dir, 'network-final.pkl') if run_dir is not None else None
+    if final is None or not os.path.isfile(final):
+        return None
+    entry = load_resume_state(final)
+    kimg = entry['kimg'] if entry is not None else snapshot_kimg(final)
+    return final if kimg is not None and kimg >= total_kimg else None
+
+
+def runs_to_tidy(resume_run_id, resume_snapshot=None):
+    """The run directories a resuming run should clear of stale temporary files: the run it
+    resumes from and, with 'latest', the newer runs that died before their first snapshot."""
+    if resume_run_id is None:
+        return []
+    if resume_run_id != 'latest':
+        return [os.path.dirname(misc.locate_network_pkl(resume_run_id, resume_snapshot))]
+    source = latest_run_with_snapshot(config.result_dir)
+    first = int(os.path.basename(source).split('-')[0]) if source is not None else -1
+    runs = [os.path.join(config.result_dir, name) for name in misc.list_runs(config.result_dir)]
+    return [run for run in runs if int(os.path.basename(run).split('-')[0]) >= first and os.path.isdir(run)]
 
 
 def latest_run_with_snapshot(result_dir):

@@ -1,6 +1,7 @@
 """Keeping a training run's results sound when things go wrong: losses that stop being finite,
-and the job being told to stop (SIGTERM from a scheduler, Ctrl-C)."""
+the job being told to stop (SIGTERM from a scheduler, Ctrl-C), and writes that fail (a full disk)."""
 
+import os
 import signal
 import sys
 
@@ -12,6 +13,26 @@ from snapshots import is_loss_scaling_var
 
 class TrainingStopped(RuntimeError):
     """Training cannot usefully continue (non-finite losses that persist)."""
+
+
+def write_failed(error, kimg, good_snapshot, resume_run_id, config_file):
+    """The TrainingStopped for an OSError while writing a snapshot or an image: what failed, the
+    newest good snapshot (a path, or None) and how to resume once the problem is fixed. Writes are
+    atomic, so the failed file is simply absent, never half-written."""
+    command = 'python train.py'
+    if config_file and os.path.abspath(config_file) != os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.py'):
+        command += ' ' + config_file
+    if good_snapshot is None:
+        resume = 'No snapshot was written yet, so once there is space, `%s` starts again from scratch.' % command
+    elif resume_run_id == 'latest':
+        resume = 'Once there is space, the same command resumes from it: %s' % command
+    else:
+        resume = 'Once there is space, set train.resume_run_id = %r in the config and run: %s' % (
+            os.path.dirname(good_snapshot), command)
+    return TrainingStopped('Training stopped at kimg %.3f: writing %s failed (%s); the file was not written, nothing '
+                           'half-written is left. The newest good snapshot is %s. %s' % (
+                               kimg, error.filename or 'a result file', error.strerror or error,
+                               good_snapshot or 'none', resume))
 
 
 class LossHealth:

@@ -1,6 +1,7 @@
 """Progressive GAN training: `python train.py` runs what config.py says (training or a utility
 script); `python train.py other_config.py` runs another config file of the same shape."""
 
+import contextlib
 import os
 import signal
 import sys
@@ -101,8 +102,8 @@ class TrainingSchedule:
         if num_gpus is None:
             num_gpus = config.num_gpus
         self.kimg = cur_nimg / 1000.0
-        self.lod = _lod_at(self.kimg, training_set.resolution_log2, lod_initial_resolution,
-                           lod_training_kimg, lod_transition_kimg)
+        self.lod = misc.lod_at(self.kimg, training_set.resolution_log2, lod_initial_resolution,
+                               lod_training_kimg, lod_transition_kimg)
         halvings = int(np.floor(self.lod))
         self.resolution = 2 ** (training_set.resolution_log2 - halvings)
 
@@ -114,18 +115,6 @@ class TrainingSchedule:
         self.G_lrate = at_this_resolution(G_lrate_dict, G_lrate_base)
         self.D_lrate = at_this_resolution(D_lrate_dict, D_lrate_base)
         self.tick_kimg = at_this_resolution(tick_kimg_dict, tick_kimg_base)
-
-
-def _lod_at(kimg, resolution_log2, initial_resolution, stable_kimg, fade_kimg):
-    """The LOD after `kimg`: one level less per completed phase, minus the part of the current
-    phase's fade already done; never below 0 (full resolution)."""
-    phase_kimg = stable_kimg + fade_kimg
-    phases_done = int(np.floor(kimg / phase_kimg)) if phase_kimg > 0 else 0
-    kimg_into_phase = kimg - phases_done * phase_kimg
-    lod = resolution_log2 - np.floor(np.log2(initial_resolution)) - phases_done
-    if fade_kimg > 0:
-        lod -= max(kimg_into_phase - stable_kimg, 0.0) / fade_kimg
-    return max(lod, 0.0)
 
 
 def _minibatch_size(wanted, num_gpus, max_per_gpu):
@@ -184,6 +173,7 @@ def train_progressive_gan(
         drange_net=[-1, 1],             # Value range of the images the networks take and give.
         image_snapshot_ticks=1,         # Write fakesNNNNNN.png every this many ticks.
         network_snapshot_ticks=10,      # Write network-snapshot-NNNNNN.pkl every this many ticks.
+        network_snapshot_keep=None,     # Keep only the newest this many network-snapshot-*.pkl; None = all.
         save_tf_graph=False,            # Put the whole graph into the TensorBoard log?
         save_weight_histograms=False,   # Log histograms of all weights to TensorBoard?
         resume_run_id=None,             # Run ID, run dir or network pkl to resume from; 'latest' = newest run with a snapshot.
@@ -195,7 +185,10 @@ def train_progressive_gan(
     """Train as config.py says; returns the run's result directory."""
     options = config.EasyDict(locals())     # The arguments above, by name, for _TrainingRun.
     setup_start = time.time()
-    checks.validate_training_setup(resume_run_id, resume_snapshot)      # Seconds, before any graph is built.
+    checks.validate_training_setup(resume_run_id, resume_snapshot, report=True)    # Seconds, before any graph is built.
+    finished = checks.finished_run(resume_run_id, total_kimg)
+    if finished:
+        return os.path.dirname(finished)
     training_set = dataset.load_dataset(**config.dataset, data_dir=config.data_dir, verbose=True)
     try:
         return _TrainingRun(training_set, options, setup_start).train()
@@ -219,6 +212,7 @@ class _TrainingRun:
         self.training_set = training_set
         self.opts = options
         self.maintenance_start = setup_start    # The time before the first tick counts as maintenance.
+        self.writer = None      # A SnapshotWriter once training starts.
         self._setup_networks()
         print('Building TensorFlow graph...')
         self.graph = build_training_graph(self.G, self.D, self.Gs, training_set, config.num_gpus,
@@ -227,7 +221,8 @@ class _TrainingRun:
         self.sched = TrainingSchedule(self.cur_nimg, training_set, **config.sched)
         snapshots.restore_optimizers(self.resume, self._optimizer_variables(), self.sched.lod,
                                      options.reset_opt_for_new_lod)
-        self._setup_result_dir(self._setup_grid())
+        with self._stop_if_writing_fails():
+            self._setup_result_dir(self._setup_grid())
 
     def _setup_networks(self):
         opts = self.opts
@@ -276,12 +271,31 @@ class _TrainingRun:
     def _path(self, filename):
         return os.path.join(self.result_subdir, filename)
 
+    @contextlib.contextmanager
+    def _stop_if_writing_fails(self):
+        """Turn an OSError while writing results (a full disk, say) into one message that names the
+        newest good snapshot and how to resume."""
+        try:
+            yield
+        except OSError as error:
+            if self.writer is not None and self.writer.last_name is not None:
+                good = self._path(self.writer.last_name)
+            else:
+                good = self.resume.network_pkl if self.resume is not None else None
+            raise survival.write_failed(error, self.cur_nimg / 1000.0, good, self.opts.resume_run_id,
+                                        getattr(config, '__file__', None)) from error
+
+    def _save_snapshot(self, name, total_time):
+        with self._stop_if_writing_fails():
+            self.writer.save(name, self.cur_nimg, total_time, self.cur_tick, self.sched.lod)
+
     def _grid_fakes(self):
         return self.Gs.run(self.grid_latents, self.grid_labels, minibatch_size=self.sched.minibatch // config.num_gpus)
 
     def _save_fakes(self, fakes, kimg):
-        misc.save_image_grid(fakes, self._path('fakes%06d.png' % kimg), drange=self.opts.drange_net,
-                             grid_size=self.grid_size)
+        with self._stop_if_writing_fails():
+            misc.save_image_grid(fakes, self._path('fakes%06d.png' % kimg), drange=self.opts.drange_net,
+                                 grid_size=self.grid_size)
 
     def train(self):
         print('Training...')
@@ -291,17 +305,17 @@ class _TrainingRun:
         self.tick_start_time = time.time()
         self.train_start_time = self.tick_start_time - self.resume_time
         self.writer = snapshots.SnapshotWriter(self.result_subdir, self.G, self.D, self.Gs,
-                                               self.graph.G_opt, self.graph.D_opt)
+                                               self.graph.G_opt, self.graph.D_opt, self.opts.network_snapshot_keep)
         self.health = survival.LossHealth(self.graph.G_opt, self.graph.D_opt, self.opts.max_nonfinite_ticks)
         self.stop = survival.SignalCatcher([signal.SIGTERM, signal.SIGINT] if self.opts.handle_signals else [])
         try:
             self._train_until_done()
         finally:
             self.stop.restore()
-        self.writer.save('network-final.pkl', self.cur_nimg, time.time() - self.train_start_time, self.cur_tick,
-                         self.sched.lod)
+        self._save_snapshot('network-final.pkl', time.time() - self.train_start_time)
         self.summary_log.close()
-        open(self._path('_training-done.txt'), 'wt').close()
+        with self._stop_if_writing_fails():
+            open(self._path('_training-done.txt'), 'wt').close()
         return self.result_subdir
 
     def _train_until_done(self):
@@ -349,7 +363,7 @@ class _TrainingRun:
             print('%s at kimg %.3f: losses are not finite, so no snapshot is written; the last good one is %s' % (
                 self.stop.name, kimg, self.writer.last_name))
         else:
-            self.writer.save(name, self.cur_nimg, total_time, self.cur_tick, self.sched.lod)
+            self._save_snapshot(name, total_time)
             print('%s at kimg %.3f (tick %d, time %s): wrote %s and %s; exiting' % (
                 self.stop.name, kimg, self.cur_tick, misc.format_time(total_time), name, snapshots.RESUME_STATE_FILE))
         self.summary_log.close()
@@ -369,8 +383,7 @@ class _TrainingRun:
             self._save_fakes(self._grid_fakes(), self.cur_nimg // 1000)
         tick_bad = self.health.end_tick(self.cur_tick, self.cur_nimg, self.writer.last_name)   # Raises TrainingStopped when it persists.
         if (self.cur_tick % self.opts.network_snapshot_ticks == 0 or done) and not tick_bad:
-            self.writer.save('network-snapshot-%06d.pkl' % (self.cur_nimg // 1000), self.cur_nimg, total_time,
-                             self.cur_tick, self.sched.lod)
+            self._save_snapshot('network-snapshot-%06d.pkl' % (self.cur_nimg // 1000), total_time)
         self.tick_start_time = time.time()     # Snapshot writing above counts as the next tick's maintenance.
 
     def _report_tick(self, now, total_time):
