@@ -185,7 +185,7 @@ def reference_msssim(a, b):
         window = original_window(size, 1.5 * size / 11)
 
         def blur(v):
-            return np.stack([scipy.signal.convolve2d(v[..., c], window, mode='valid') for c in range(v.shape[2])], -1)
+            return np.stack([scipy.signal.fftconvolve(v[..., c], window, mode='valid') for c in range(v.shape[2])], -1)
         mx, my = blur(x), blur(y)
         vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
         cs = (2 * cxy + c2) / (vx + vy + c2)
