@@ -1,8 +1,8 @@
 """MS-SSIM: seconds for --pairs image pairs at --size px with metrics/ms_ssim.py, against
 tf.image.ssim_multiscale (what the metric used before: product over scales per channel, then the
 channel mean; small images keep fewer scales) on the same pairs in the same run. Then the mean
-value of both on --value-pairs pairs of overlapping 64-px patches of the demo slides, read by
-OpenSlide, to show how far the two formulas are apart.
+value of both on --value-pairs pairs of 64-px patches of the demo slides (overlapping ones, and
+unrelated ones as a diverse generator's would be), read by OpenSlide: how far the formulas are apart.
 
   python bench/ms_ssim_speed.py [--pairs 20000] [--size 256] [--minibatch 100] [--value-pairs 500]
 
@@ -60,8 +60,9 @@ def seconds_for(score_fn, a, b, total_pairs):
     return time.time() - start
 
 
-def demo_slide_pairs(count, size=64):
-    """count pairs of patches of the demo slides, the second shifted by a quarter patch."""
+def demo_slide_pairs(count, overlapping, size=64):
+    """count pairs of patches of the demo slides: the second shifted by a quarter patch, or
+    (not overlapping) taken from anywhere else on a slide."""
     import openslide
     rng = np.random.RandomState(0)
     with tempfile.TemporaryDirectory() as folder:
@@ -70,9 +71,11 @@ def demo_slide_pairs(count, size=64):
         for index in range(count):
             slide = slides[index % len(slides)]
             width, height = slide.dimensions
-            x, y = rng.randint(0, width - 2 * size), rng.randint(0, height - 2 * size)
-            pairs.append([np.asarray(slide.read_region((x + dx, y + dy), 0, (size, size)).convert('RGB'))
-                          for dx, dy in [(0, 0), (size // 4, size // 8)]])
+            corners = rng.randint(0, [width - 2 * size, height - 2 * size], size=[2, 2])
+            if overlapping:
+                corners[1] = corners[0] + [size // 4, size // 8]
+            pairs.append([np.asarray(slide.read_region(tuple(int(c) for c in corner), 0, (size, size)).convert('RGB'))
+                          for corner in corners])
         for slide in slides:
             slide.close()
     pairs = np.array(pairs).transpose(1, 0, 4, 2, 3)
@@ -94,10 +97,11 @@ def main():
         print('%-26s %d pairs of %d px: %7.1f s (%.0f pairs/s)' % (name, args.pairs, args.size, seconds,
                                                                     args.pairs / seconds))
 
-    a, b = demo_slide_pairs(args.value_pairs)
-    ours, before = ms_ssim.MSSSIM([3, 64, 64])(a, b), TFImageMSSSIM(64)(a, b)
-    print('Mean MS-SSIM of %d pairs of 64-px demo-slide patches: metrics/ms_ssim.py %.4f, '
-          'tf.image.ssim_multiscale %.4f' % (args.value_pairs, ours.mean(), before.mean()))
+    for overlapping, kind in [(True, 'overlapping'), (False, 'unrelated')]:
+        a, b = demo_slide_pairs(args.value_pairs, overlapping)
+        ours, before = ms_ssim.MSSSIM([3, 64, 64])(a, b), TFImageMSSSIM(64)(a, b)
+        print('Mean MS-SSIM of %d pairs of %s 64-px demo-slide patches: metrics/ms_ssim.py %.4f, '
+              'tf.image.ssim_multiscale %.4f' % (args.value_pairs, kind, ours.mean(), before.mean()))
 
 
 if __name__ == '__main__':
