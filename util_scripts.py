@@ -352,6 +352,7 @@ def evaluate_metrics(run_id, log, metrics, num_images, real_passes, minibatch_si
 
 
 def evaluate_run(run_dir, snapshot_pkls, metrics, num_images, real_passes, minibatch_size):
+    """The metric table of evaluate_metrics: header, the reals' rows, then a row per snapshot."""
     dataset_obj, mirror_augment = misc.load_dataset_for_result_subdir(run_dir)
     if minibatch_size is None:
         minibatch_size = int(np.clip(8192 // dataset_obj.shape[1], 4, 256))    # Smaller for larger images.
