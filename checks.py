@@ -233,6 +233,8 @@ def check_dataset(dataset_kwargs, data_dir):
     folder = dataset_kwargs['tfrecord_dir']
     if data_dir is not None:
         folder = os.path.join(data_dir, folder)
+    if 'class_name' not in dataset_kwargs and os.path.isdir(folder):
+        class_name = guessed_dataset_class(folder, dataset_kwargs)
     if class_name.endswith('WSIDataset'):
         import wsi
         wsi_ext = dataset_kwargs.get('wsi_ext', '.svs')
@@ -252,6 +254,17 @@ def check_dataset(dataset_kwargs, data_dir):
     if not any(name.endswith('.tfrecords') for name in os.listdir(folder)):
         raise ConfigError('No *.tfrecords files in dataset folder "%s"; make them with dataset_tool.py, or use '
                           'class_name="dataset.WSIDataset" for a folder of slides' % os.path.abspath(folder))
+
+
+def guessed_dataset_class(folder, dataset_kwargs):
+    """What load_dataset makes of a dataset line without class_name (the fork's); ConfigError when
+    the folder holds neither TFRecords nor slides."""
+    import wsi
+    try:
+        return wsi.guess_dataset_class(folder, dataset_kwargs.get('wsi_ext', '.svs'),
+                                       dataset_kwargs.get('recursive', False))
+    except wsi.NoUsableSlidesError as error:
+        raise ConfigError(str(error)) from None
 
 
 def estimate_snapshot_bytes(dataset_kwargs, G_kwargs, D_kwargs):

@@ -306,7 +306,7 @@ class WSIDataset(Dataset):
                  wsi_ext='.svs',            # File extension of the slides, or a list of extensions.
                  resolution=512,            # Patch side in pixels at LOD 0.
                  downsample=4,              # Slide pixels (at full magnification) per patch pixel at LOD 0.
-                 label_file=None,           # CSV of slide file name and class, also looked for in the folder.
+                 label_file=None,           # CSV of slide file name and class, or the fork's .npy; also looked for in the folder.
                  max_label_size=0,          # Classes to use: 0 none, 'full' all, N the first N.
                  repeat=True,               # Unused: patches are drawn without end (accepted for old configs).
                  shuffle_mb=0,              # Unused: patches come in random order anyway.
@@ -435,10 +435,26 @@ def _dataset_class(class_name):
                          % (class_name, error)) from error
 
 
-def load_dataset(class_name='dataset.TFRecordDataset', data_dir=None, verbose=False, **kwargs):
-    """The dataset class_name names, made from kwargs; a tfrecord_dir is taken relative to data_dir."""
+def _class_for_folder(kwargs):
+    if 'tfrecord_dir' not in kwargs:
+        return 'dataset.TFRecordDataset'   # Which then names what is missing.
+    import wsi
+    folder = kwargs['tfrecord_dir']
+    class_name = wsi.guess_dataset_class(folder, kwargs.get('wsi_ext', '.svs'), kwargs.get('recursive', False))
+    if class_name == 'dataset.WSIDataset':
+        print('dataset.class_name not set: "%s" holds slides and no *.tfrecords, so it is read as dataset.WSIDataset'
+              % folder)
+    return class_name
+
+
+def load_dataset(class_name=None, data_dir=None, verbose=False, **kwargs):
+    """The dataset class_name names, made from kwargs; a tfrecord_dir is taken relative to data_dir.
+    Without a class_name (the WSI-ProGAN fork's configs) the folder's contents decide: TFRecords, or
+    slides when it holds no TFRecords."""
     if data_dir is not None and 'tfrecord_dir' in kwargs:
         kwargs['tfrecord_dir'] = os.path.join(data_dir, kwargs['tfrecord_dir'])
+    if class_name is None:
+        class_name = _class_for_folder(kwargs)
     if verbose:
         print('Streaming data using %s...' % class_name)
     dataset = _dataset_class(class_name)(**kwargs)

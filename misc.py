@@ -1,5 +1,6 @@
 """Helpers without TensorFlow graph code: pickles, images, logging, result directories, the tick line."""
 
+import ast
 import collections
 import glob
 import hashlib
@@ -496,19 +497,44 @@ def random_latents(num_latents, G, random_state=None):
 
 
 def parse_config_for_previous_run(run_id):
-    """The dataset and train blocks a previous run was started with, from its saved config.py."""
-    config_file = os.path.join(locate_result_subdir(run_id), 'config.py')
-    if not os.path.isfile(config_file):
-        return dict()
-    namespace = runpy.run_path(config_file)
-    return {name: namespace[name] for name in ['dataset', 'train', 'data_dir'] if name in namespace}
+    """The dataset and train blocks a previous run was started with: from its saved config.py, or
+    from the config.txt that the original ProGAN and the WSI-ProGAN fork write instead."""
+    run_dir = locate_result_subdir(run_id)
+    config_file = os.path.join(run_dir, 'config.py')
+    if os.path.isfile(config_file):
+        namespace = runpy.run_path(config_file)
+        return {name: namespace[name] for name in ['dataset', 'train', 'data_dir'] if name in namespace}
+    config_txt = os.path.join(run_dir, 'config.txt')
+    return _parse_config_txt(config_txt) if os.path.isfile(config_txt) else dict()
+
+
+def _parse_config_txt(config_txt):
+    """dataset and train of a config.txt: a `name = value` line per setting, the dicts printed as
+    Python literals, so they are read without running anything."""
+    parsed = {}
+    with open(config_txt, 'rt', encoding='utf-8') as file:
+        for line in file:
+            name, equals, value = line.partition(' = ')
+            if equals and name in ('dataset', 'train'):
+                try:
+                    parsed[name] = ast.literal_eval(value.strip())
+                except (ValueError, SyntaxError):
+                    raise ValueError('%s: the %s line is not a Python dict literal: %s'
+                                     % (config_txt, name, value.strip())) from None
+    return parsed
 
 
 def load_dataset_for_result_subdir(result_subdir):
-    """(dataset, mirror_augment) as the run at result_subdir trained with."""
+    """(dataset, mirror_augment) as the run at result_subdir trained with, TFRecords read in file
+    order (shuffle_mb=0) as the original reads its reals for the metrics; slides ignore it."""
     import dataset
     cfg = parse_config_for_previous_run(result_subdir)
-    dataset_kwargs = dict(cfg.get('dataset', {}), verbose=True)
+    if 'dataset' not in cfg:
+        raise IOError('No dataset line in a config.py or config.txt of "%s": the run does not say what it trained on'
+                      % result_subdir)
+    dataset_kwargs = dict(cfg['dataset'], verbose=True)
+    if not (dataset_kwargs.get('class_name') or '').endswith('SyntheticDataset'):
+        dataset_kwargs['shuffle_mb'] = 0
     mirror_augment = cfg.get('train', {}).get('mirror_augment', False)
     data_dir = cfg.get('data_dir', config.data_dir)
     return dataset.load_dataset(data_dir=data_dir, **dataset_kwargs), mirror_augment

@@ -3,6 +3,7 @@ generator, a video of the fakes grids over a run, and quality metrics of every s
 config.py picks one with a `train = EasyDict(func='util_scripts...', ...)` line; train.py runs it."""
 
 import bisect
+import contextlib
 import os
 import pathlib
 import sys
@@ -214,19 +215,16 @@ def generate_training_video(run_id, duration_sec=20.0, time_warp=1.5, mp4=None, 
 
 
 class MetricTable:
-    """The metric table: a header, then one row per evaluation, each printed and appended to the
-    log file. Columns are as wide as each metric's format makes its values."""
+    """The metric table: a header, then one row per evaluation, each printed (evaluate_metrics logs
+    what is printed). Columns are as wide as each metric's format makes its values."""
     LEADING_COLUMNS = '%-10s%-12s'     # Snapshot, Time_eval
 
-    def __init__(self, log_file, metric_objs):
-        self.log_file = log_file
+    def __init__(self, metric_objs):
         self.metric_objs = metric_objs
         self.formats = [fmt for obj in metric_objs for fmt in obj.get_metric_formatting()]
 
     def write_line(self, line):
         print(line)
-        with open(self.log_file, 'at', encoding='utf-8') as log:
-            log.write(line + '\n')
 
     def write_header(self):
         names = [name for obj in self.metric_objs for name in obj.get_metric_names()]
@@ -327,20 +325,39 @@ def evaluate_snapshot(snapshot_pkl, labels, table, num_images, minibatch_size):
     table.write_row('%d' % kimg, seconds, results)
 
 
+@contextlib.contextmanager
+def output_appended_to(log_file):
+    """Within the block, everything printed to stdout and stderr is also appended to log_file."""
+    with open(log_file, 'at', encoding='utf-8') as log:
+        console = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = [misc.TeeOutputStream([stream, log], autoflush=True) for stream in console]
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = console
+
+
 def evaluate_metrics(run_id, log, metrics, num_images, real_passes, minibatch_size=None):
-    """Appends to the run's `log` file a table of the metrics for its reals and every snapshot."""
+    """Appends to the run's `log` file a table of the metrics for its reals and every snapshot, and
+    everything else printed on the way, as the original does. Runs of the original ProGAN and of
+    the WSI-ProGAN fork (config.txt instead of config.py) are read too."""
     run_dir = misc.locate_result_subdir(run_id)
     snapshot_pkls = misc.list_network_pkls(run_dir, include_final=False)
     if not snapshot_pkls:
         raise IOError('No network-snapshot-*.pkl in "%s"' % run_dir)
     log_file = os.path.join(run_dir, log)
-    print('Writing the metric table to', log_file)
+    print('Logging output to', log_file)
+    with output_appended_to(log_file):
+        evaluate_run(run_dir, snapshot_pkls, metrics, num_images, real_passes, minibatch_size)
 
+
+def evaluate_run(run_dir, snapshot_pkls, metrics, num_images, real_passes, minibatch_size):
+    """The metric table of evaluate_metrics: header, the reals' rows, then a row per snapshot."""
     dataset_obj, mirror_augment = misc.load_dataset_for_result_subdir(run_dir)
     if minibatch_size is None:
         minibatch_size = int(np.clip(8192 // dataset_obj.shape[1], 4, 256))    # Smaller for larger images.
     image_shape = [3] + list(dataset_obj.shape[1:])
-    table = MetricTable(log_file, [init_metric(name, image_shape, num_images, minibatch_size) for name in metrics])
+    table = MetricTable([init_metric(name, image_shape, num_images, minibatch_size) for name in metrics])
     table.write_header()
     labels = evaluate_reals(dataset_obj, mirror_augment, table, num_images, minibatch_size, real_passes)
     dataset_obj.close()

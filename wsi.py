@@ -70,6 +70,48 @@ def find_slides(slide_dir, wsi_ext='.svs', recursive=False):
     return sorted(paths)
 
 
+def guess_dataset_class(folder, wsi_ext='.svs', recursive=False):
+    """The dataset class for a config line without class_name (the WSI-ProGAN fork's): TFRecords
+    when the folder holds *.tfrecords files, whole-slide images when it holds slides and no TFRecords."""
+    if not os.path.isdir(folder):
+        raise NoUsableSlidesError(f'Dataset folder does not exist: {os.path.abspath(folder)}')
+    if any(name.endswith('.tfrecords') for name in os.listdir(folder)):
+        return 'dataset.TFRecordDataset'
+    if find_slides(folder, wsi_ext, recursive):
+        return 'dataset.WSIDataset'
+    raise NoUsableSlidesError(
+        f'Dataset folder {os.path.abspath(folder)} holds neither *.tfrecords files (make them with dataset_tool.py) '
+        f'nor slides with extension {wsi_ext} (set dataset.wsi_ext to your slides\' extension)')
+
+
+def slide_classes(slide_paths, slide_dir, label_file):
+    """Class index per slide (-1 = no label) and the class names, from a CSV (see assign_classes)
+    or the WSI-ProGAN fork's .npy (see read_label_npy)."""
+    if label_file.lower().endswith('.npy'):
+        return read_label_npy(label_file, slide_paths)
+    return assign_classes(slide_paths, slide_dir, read_label_csv(label_file))
+
+
+def read_label_npy(label_file, slide_paths):
+    """The fork's labels: one row per slide, the slides sorted by file name; a row is a one-hot
+    vector (2-D array) or a class index (1-D integer array). Classes are named '0', '1', ..."""
+    labels = np.load(label_file, allow_pickle=False)
+    if labels.ndim == 2 and labels.size and np.all((labels == 0) | (labels == 1)) and np.all(labels.sum(axis=1) == 1):
+        classes, num_classes = labels.argmax(axis=1), labels.shape[1]
+    elif labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer) and labels.size and labels.min() >= 0:
+        classes, num_classes = labels, int(labels.max()) + 1
+    else:
+        raise ValueError(f'{label_file}: a .npy label file holds one-hot rows or non-negative class indices, one per '
+                         f'slide; got an array of shape {labels.shape} and dtype {labels.dtype}')
+    if len(classes) != len(slide_paths):
+        raise ValueError(f'{label_file} has {len(classes)} rows but there are {len(slide_paths)} slides: it needs one '
+                         f'row per slide, in the order of their sorted file names')
+    by_name = sorted(range(len(slide_paths)), key=lambda i: (os.path.basename(slide_paths[i]), slide_paths[i]))
+    indices = np.empty(len(slide_paths), np.int64)
+    indices[by_name] = classes
+    return indices, [str(k) for k in range(num_classes)]
+
+
 def read_label_csv(label_file):
     """(slide name, class) rows of a CSV, a header row included (assign_classes skips it)."""
     with open(label_file, newline='', encoding='utf-8-sig') as f:
@@ -560,7 +602,7 @@ class PatchSampler:
         self.label_size = 0
         if label_file is None or max_label_size == 0:
             return
-        indices, self.class_names = assign_classes([i.path for i in infos], slide_dir, read_label_csv(label_file))
+        indices, self.class_names = slide_classes([i.path for i in infos], slide_dir, label_file)
         self.label_size = len(self.class_names) if max_label_size == 'full' else min(len(self.class_names), max_label_size)
         for info, index in zip(infos, indices):
             info.class_index = int(index)

@@ -160,59 +160,85 @@ def test_swd_of_a_set_against_itself_is_small_and_a_colour_shift_is_not():
 # MS-SSIM.
 
 
-def gaussian_window(size=11, sigma=1.5):
-    coords = np.arange(size) - size // 2
-    g = np.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2 * sigma ** 2))
+def original_window(size, sigma):
+    """The 2-D Gaussian on a size x size grid of pixel centres (half-integer offsets when even)."""
+    offset = 0.0 if size % 2 else 0.5
+    coords = np.arange(-(size // 2), size - size // 2) + offset
+    x, y = np.meshgrid(coords, coords)
+    g = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
     return g / g.sum()
 
 
-def reference_msssim(a, b, weights):
-    """MS-SSIM of Wang et al. 2003 for one pair of HWC images, per channel and then averaged:
-    valid 11x11 Gaussian windows, 2x2 average downsampling, K1 0.01, K2 0.03."""
+def reference_msssim(a, b):
+    """The original ProGAN's MS-SSIM of one pair of HWC images, written out in float64: at each
+    scale SSIM and CS are averaged over valid positions and channels together; the window shrinks
+    to the scale (with sigma in proportion) when the scale is under 11 px; 2x2 block means between
+    scales; clipped at 0, then weighted."""
+    weights = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    window = gaussian_window()
-    values = []
-    for x, y in zip(np.float64(a).transpose(2, 0, 1), np.float64(b).transpose(2, 0, 1)):
-        terms = []
-        for scale, weight in enumerate(weights):
-            if scale:
-                x, y = [(v[0::2, 0::2] + v[1::2, 0::2] + v[0::2, 1::2] + v[1::2, 1::2]) / 4
-                        for v in (x, y)]
-            blur = lambda v: scipy.signal.correlate2d(v, window, mode='valid')
-            mx, my = blur(x), blur(y)
-            vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-            cs = (2 * cxy + c2) / (vx + vy + c2)
-            luminance = (2 * mx * my + c1) / (mx ** 2 + my ** 2 + c1)
-            last = scale == len(weights) - 1
-            terms.append(max(np.mean(luminance * cs if last else cs), 0) ** weight)
-        values.append(np.prod(terms))
-    return np.mean(values)
+    x, y = np.float64(a), np.float64(b)
+    ssims, css = [], []
+    for scale in range(5):
+        if scale:
+            x, y = [v.reshape(v.shape[0] // 2, 2, v.shape[1] // 2, 2, -1).mean(axis=(1, 3)) for v in (x, y)]
+        size = min(11, x.shape[0], x.shape[1])
+        window = original_window(size, 1.5 * size / 11)
+
+        def blur(v):
+            return np.stack([scipy.signal.fftconvolve(v[..., c], window, mode='valid') for c in range(v.shape[2])], -1)
+        mx, my = blur(x), blur(y)
+        vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+        cs = (2 * cxy + c2) / (vx + vy + c2)
+        ssims.append(max(np.mean((2 * mx * my + c1) / (mx ** 2 + my ** 2 + c1) * cs), 0))
+        css.append(max(np.mean(cs), 0))
+    return np.prod(np.power(css[:4], weights[:4])) * ssims[4] ** weights[4]
 
 
-@pytest.mark.parametrize('size', [176, 64])
-def test_ms_ssim_matches_the_reference(size):
-    a = stained_images(2, size, seed=0)
-    b = ((np.float32(a) + stained_images(2, size, seed=1)) / 2).astype(np.uint8)  # Half shared.
-    ours = ms_ssim.MSSSIM([3, size, size])(a, b)
-    weights = ms_ssim.power_factors_for_size(size)
-    expected = [reference_msssim(x.transpose(1, 2, 0), y.transpose(1, 2, 0), weights)
-                for x, y in zip(a, b)]
-    assert 0.2 < expected[0] < 0.95  # A pair with something to measure.
-    np.testing.assert_allclose(ours, expected, rtol=1e-4)
+def slide_patch_pairs(slide_path, size, count):
+    """count pairs of overlapping patches (shifted by a quarter patch) read by OpenSlide at level 0."""
+    import openslide
+    rng = np.random.RandomState(size)
+    pairs = []
+    with openslide.OpenSlide(slide_path) as slide:
+        for _ in range(count):
+            x, y = rng.randint(300, 1600 - size), rng.randint(300, 1100 - size)
+            shift = size // 4
+            pair = [np.asarray(slide.read_region((x + dx, y + dy), 0, (size, size)).convert('RGB'))
+                    for dx, dy in [(0, 0), (shift, shift // 2)]]
+            pairs.append([p.transpose(2, 0, 1) for p in pair])
+    return np.array(pairs)
 
 
-def test_ms_ssim_power_factors():
-    assert ms_ssim.power_factors_for_size(176) == ms_ssim.STANDARD_WEIGHTS  # 176 / 16 = 11
-    assert len(ms_ssim.power_factors_for_size(175)) == 5  # Padded to 176 by the pooling.
-    assert len(ms_ssim.power_factors_for_size(128)) == 4
-    assert len(ms_ssim.power_factors_for_size(64)) == 3
-    for size in [64, 128]:
-        weights = ms_ssim.power_factors_for_size(size)
-        np.testing.assert_allclose(sum(weights), sum(ms_ssim.STANDARD_WEIGHTS))
-        np.testing.assert_allclose(np.array(weights) / weights[0],
-                                   np.array(ms_ssim.STANDARD_WEIGHTS[:len(weights)]) / 0.0448)
-    with pytest.raises(ValueError, match='at least 11 pixels'):
-        ms_ssim.power_factors_for_size(10)
+def random_pairs(size, count, seed):
+    """Smooth random images, the second of each pair partly the first: values across (0, 1)."""
+    rng = np.random.RandomState(seed)
+    noise = scipy.ndimage.gaussian_filter(rng.randn(count, 2, 3, size, size), [0, 0, 0, 1.5, 1.5])
+    images = np.clip(128 + 600 * noise, 0, 255)
+    mix = np.linspace(0.2, 0.9, count)[:, None, None, None]
+    images[:, 1] = mix * images[:, 0] + (1 - mix) * images[:, 1]
+    return np.uint8(images)
+
+
+@pytest.fixture(scope='module')
+def tissue_slide(tmp_path_factory):
+    from conftest import write_slide
+    return write_slide(tmp_path_factory.mktemp('msssim') / 'tissue.svs', width=2048, height=1536)
+
+
+@pytest.mark.parametrize('size', [32, 64, 128, 256])
+def test_ms_ssim_matches_the_original_formula_on_slide_and_random_pairs(size, tissue_slide):
+    pairs = np.concatenate([slide_patch_pairs(tissue_slide, size, 3), random_pairs(size, 4, seed=size)])
+    ours = ms_ssim.MSSSIM([3, size, size])(pairs[:, 0], pairs[:, 1])
+    expected = [reference_msssim(a.transpose(1, 2, 0), b.transpose(1, 2, 0)) for a, b in pairs]
+    assert np.ptp(expected) > 0.3  # Pairs from alike to unlike: the comparison covers the range.
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
+
+
+def test_ms_ssim_refuses_sizes_it_cannot_halve_four_times():
+    with pytest.raises(ValueError, match='multiples of 16, got 24x24'):
+        ms_ssim.MSSSIM([3, 24, 24])
+    with pytest.raises(ValueError, match='multiples of 16, got 8x8'):
+        ms_ssim.MSSSIM([3, 8, 8])
 
 
 def test_ms_ssim_of_identical_pairs_is_one_and_of_independent_noise_near_zero():

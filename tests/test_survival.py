@@ -309,7 +309,8 @@ def test_config_mistakes_fail_within_seconds_with_their_own_message(data8, tmp_p
                             dataset or dict(tfrecord_dir=data8), **kwargs)
 
     fails_fast(cfg('nodata', dict(tfrecord_dir=str(tmp_path / 'missing'))), 'Dataset folder', 'does not exist')
-    fails_fast(cfg('norecords', dict(tfrecord_dir=str(empty))), 'No *.tfrecords files in dataset folder')
+    fails_fast(cfg('norecords', dict(tfrecord_dir=str(empty))), 'holds neither *.tfrecords files',
+               'nor slides with extension .svs')    # Without class_name either would do.
     fails_fast(cfg('noslidedir', dict(class_name='dataset.WSIDataset', tfrecord_dir=str(tmp_path / 'missing'),
                                       wsi_ext='.svs', resolution=16)), 'Slide folder', 'does not exist')
     fails_fast(cfg('noslides', dict(class_name='dataset.WSIDataset', tfrecord_dir=str(empty), wsi_ext='.svs',

@@ -2,6 +2,7 @@
 log.txt with tick lines, fakes*.png grids, and a dataset (TFRecords or whole-slide images)."""
 
 import os
+import sys
 
 import imageio.v3 as iio
 import numpy as np
@@ -193,8 +194,11 @@ def test_metric_names_map_to_their_modules_and_unknown_ones_are_named():
 
 
 def metric_rows(log_file):
+    """The table's rows, split into columns: from its header on, without other lines the run printed."""
     with open(log_file) as log:
-        return [line.split() for line in log]
+        lines = log.read().splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith('Snapshot '))
+    return [line.split() for line in lines[header:] if not line.startswith('RecordingMetric')]
 
 
 @pytest.mark.parametrize('which_run', ['tfrecord_run', 'wsi_run'])
@@ -211,3 +215,81 @@ def test_evaluate_metrics_writes_a_row_per_snapshot(which_run, request, monkeypa
     assert 0 < values['Reals2'][1] < min(values['1'][1], values['0'][1])  # Reals are closest to reals.
     assert all(0 <= v[2] <= 1 for v in values.values())
     assert values['1'] != values['0']
+
+
+class RecordingMetric:
+    """A metric API that keeps what it is fed in each mode, and says so on stderr."""
+    fed = {}
+
+    def __init__(self, num_images, image_shape, image_dtype, minibatch_size):
+        pass
+
+    def get_metric_names(self):
+        return ['Fed']
+
+    def get_metric_formatting(self):
+        return ['%-6d']
+
+    def begin(self, mode):
+        RecordingMetric.fed[mode] = []
+
+    def feed(self, mode, minibatch):
+        RecordingMetric.fed[mode].append(minibatch)
+
+    def end(self, mode):
+        print('RecordingMetric saw %s' % mode, file=sys.stderr)
+        return [sum(len(images) for images in RecordingMetric.fed[mode])]
+
+
+ORIGINAL_SNAPSHOT_KIMGS = [140, 280]
+
+
+@pytest.fixture(scope='module')
+def original_run(tmp_path_factory):
+    """A run directory as the original ProGAN leaves it: config.txt (a `name = str(value)` line per
+    setting), log.txt, its snapshot names with original-layout pickles, network-final.pkl; the
+    TFRecords it names hold images in a known order."""
+    from test_legacy_pickles import make_networks, write_legacy_pickle
+    root = tmp_path_factory.mktemp('original_run')
+    images = smooth_images(40, seed=3)
+    dataset_tool.write_tfrecords(str(root / 'smooth16'), images)
+    run_dir = root / 'results' / '000-pgan-smooth16-preset-v2-1gpu-fp32'
+    run_dir.mkdir(parents=True)
+    settings = dict(data_dir='datasets', result_dir='results', random_seed=1000, desc='pgan-smooth16-preset-v2-1gpu-fp32',
+                    num_gpus=1, dataset={'tfrecord_dir': str(root / 'smooth16')},
+                    train={'func': 'train.train_progressive_gan', 'mirror_augment': False, 'total_kimg': 12000},
+                    env={'TF_CPP_MIN_LOG_LEVEL': '1'}, sched={'minibatch_base': 4})
+    (run_dir / 'config.txt').write_text(''.join('%s = %s\n' % (k, v) for k, v in sorted(settings.items())))
+    (run_dir / 'log.txt').write_text('Training...\n')
+    for seed, name in enumerate(['network-snapshot-%06d.pkl' % kimg for kimg in ORIGINAL_SNAPSHOT_KIMGS]
+                                + ['network-final.pkl']):
+        states, _ = make_networks(seed=seed, label_size=0)
+        write_legacy_pickle(str(run_dir / name), states)
+    return str(root / 'results'), str(run_dir), images
+
+
+def test_evaluate_metrics_reads_a_run_of_the_original_and_logs_all_it_prints(original_run, monkeypatch, tf_session):
+    results, run_dir, images = original_run
+    use_results(monkeypatch, results)
+    util_scripts.evaluate_metrics(0, log='metric-original.txt', metrics=['test_util_scripts.RecordingMetric', 'msssim'],
+                                  num_images=24, real_passes=1, minibatch_size=8)
+    rows = metric_rows(os.path.join(run_dir, 'metric-original.txt'))
+    with open(os.path.join(run_dir, 'metric-original.txt')) as log:
+        lines = log.read().splitlines()
+    assert rows[0] == ['Snapshot', 'Time_eval', 'Fed', 'MS-SSIM']
+    assert [row[0] for row in rows[1:]] == ['---', 'Reals'] + [str(k) for k in reversed(ORIGINAL_SNAPSHOT_KIMGS)]
+    assert all(row[-2] == '24' for row in rows[2:])
+    # Everything printed reached the log, stderr included, not only the table.
+    assert any(line.startswith('Streaming data using dataset.TFRecordDataset') for line in lines)
+    assert any(line.startswith('Setting up metric metrics.ms_ssim.API') for line in lines)
+    assert [line for line in lines if line.startswith('RecordingMetric saw')] == [
+        'RecordingMetric saw %s' % mode for mode in ['warmup', 'reals', 'fakes', 'fakes']]
+    # The reals are the first images of the TFRecords, in file order.
+    np.testing.assert_array_equal(np.concatenate(RecordingMetric.fed['reals']), images[:24])
+
+
+def test_a_config_txt_line_that_is_not_a_literal_is_named(tmp_path):
+    (tmp_path / 'config.txt').write_text("dataset = {'tfrecord_dir': os.getcwd()}\n")
+    with pytest.raises(ValueError, match=r"config\.txt: the dataset line is not a Python dict literal"):
+        misc.parse_config_for_previous_run(str(tmp_path))
+
