@@ -12,6 +12,7 @@ import scipy.ndimage
 
 import config
 import dataset_tool
+import legacy
 import misc
 import tfutil
 import util_scripts
@@ -271,6 +272,10 @@ def original_run(tmp_path_factory):
 def test_evaluate_metrics_reads_a_run_of_the_original_and_logs_all_it_prints(original_run, monkeypatch, tf_session):
     results, run_dir, images = original_run
     use_results(monkeypatch, results)
+    # The pickles hold our stand-in for the original's networks.py (tests/fixtures), which a user
+    # would have to vouch for; the original's own source is known without this.
+    from test_legacy_pickles import FIXTURE_FINGERPRINT
+    monkeypatch.setenv(legacy.TRUSTED_SOURCES_ENV, FIXTURE_FINGERPRINT)
     util_scripts.evaluate_metrics(0, log='metric-original.txt', metrics=['test_util_scripts.RecordingMetric', 'msssim'],
                                   num_images=24, real_passes=1, minibatch_size=8)
     rows = metric_rows(os.path.join(run_dir, 'metric-original.txt'))
