@@ -224,17 +224,28 @@ def check_result_dir(result_dir):
                           'write to' % (os.path.abspath(result_dir), error.strerror or error)) from None
 
 
+def dataset_folder(dataset_kwargs, data_dir):
+    folder = dataset_kwargs['tfrecord_dir']
+    return folder if data_dir is None else os.path.join(data_dir, folder)
+
+
+def dataset_class_name(dataset_kwargs, data_dir):
+    """The dataset class a dataset line makes: its class_name, else what load_dataset picks for the
+    folder (the fork's lines), else TFRecordDataset as the original's lines mean."""
+    if 'class_name' in dataset_kwargs:
+        return dataset_kwargs['class_name']
+    if 'tfrecord_dir' in dataset_kwargs and os.path.isdir(dataset_folder(dataset_kwargs, data_dir)):
+        return guessed_dataset_class(dataset_folder(dataset_kwargs, data_dir), dataset_kwargs)
+    return 'dataset.TFRecordDataset'
+
+
 def check_dataset(dataset_kwargs, data_dir):
-    class_name = dataset_kwargs.get('class_name', 'dataset.TFRecordDataset')
+    class_name = dataset_class_name(dataset_kwargs, data_dir)
     if class_name.endswith('SyntheticDataset'):
         return
     if 'tfrecord_dir' not in dataset_kwargs:
         raise ConfigError('dataset.tfrecord_dir is missing: name the dataset folder (relative to data_dir)')
-    folder = dataset_kwargs['tfrecord_dir']
-    if data_dir is not None:
-        folder = os.path.join(data_dir, folder)
-    if 'class_name' not in dataset_kwargs and os.path.isdir(folder):
-        class_name = guessed_dataset_class(folder, dataset_kwargs)
+    folder = dataset_folder(dataset_kwargs, data_dir)
     if class_name.endswith('WSIDataset'):
         import wsi
         wsi_ext = dataset_kwargs.get('wsi_ext', '.svs')
@@ -378,7 +389,7 @@ def check_names(cfg):
         if not isinstance(block, dict):
             continue
         if block_name == 'dataset' and 'class_name' not in block:
-            block = dict(block, class_name=_literal_defaults('dataset', 'load_dataset')['class_name'])
+            block = dict(block, class_name=dataset_class_name(block, getattr(cfg, 'data_dir', None)))
         for key in ['func', 'class_name']:
             if isinstance(block.get(key), str):
                 definition = find_definition(block[key], '%s.%s' % (block_name, key))
