@@ -412,8 +412,12 @@ def D_paper(
             features = batch_norm(features)
         return leaky_relu(features)
 
-    side = None if lod_sized else resolution    # lod_sized: the side is known once the LOD's block is chosen.
-    images_in.set_shape([None, num_channels, side, side])
+    if lod_sized:
+        # Each LOD's branch below reshapes the images to its own size; a static size would make the
+        # other branches' reshapes fail as the graph is built, so it is left unknown here.
+        images_in = tf.placeholder_with_default(images_in, [None, num_channels, None, None])
+    else:
+        images_in.set_shape([None, num_channels, resolution, resolution])
     images = nchw_to_nhwc(tf.cast(images_in, dtype))
     lod_in = _lod_input(dtype)
 

@@ -83,9 +83,10 @@ def run_at_each_lod(full_resolution, num_gpus, start):
         gradients.update({'D_grad ' + name: grad for name, grad in zip(D.trainables, tf.gradients(
             tf.reduce_mean(D_loss), list(D.trainables.values())))})
         tfutil.init_uninited_vars()
+        shadows = [net for _, net in graph.G_losses[1:] + graph.D_losses[1:]]   # the other towers' copies
         for lod in LODS:
             at_lod = start[lod]
-            for net in (G, D, Gs):
+            for net in (G, D, Gs, *shadows):
                 tfutil.set_vars({net.vars[name]: value for name, value in start[net.name[:1]].items()})
             graph.G_opt.reset_optimizer_state()
             graph.D_opt.reset_optimizer_state()
