@@ -125,7 +125,7 @@ def time_phase(native, full, alone, level, minibatches):
         'native': (native, framework_steps, native.training_set, native.graph, kimg),
         'bare': (native, bare_steps, native.graph, lod),
         'full-res': (full, framework_steps, full.training_set, full.graph, kimg),
-        'alone': (alone, framework_steps, alone.training_set, alone.graph, 0.0),
+        'alone': (alone, framework_steps, alone.training_set, alone.graph, kimg),   # its last phase: LOD 0
     }
     for built, func, *args in runs.values():
         timed(built, func, *args, REPEATS)

@@ -168,3 +168,30 @@ def test_lod_sized_networks_see_and_give_the_full_resolution_pixels(tf_session, 
     np.testing.assert_allclose(fakes_small.repeat(factor, axis=2).repeat(factor, axis=3), fakes_full, rtol=0, atol=1e-5)
     for small_out, full_out in zip(scores_small, scores_full):
         np.testing.assert_allclose(small_out, full_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fp16_loss_scaling_trains_the_native_graph(monkeypatch):
+    """fp16 networks with dynamic loss scaling on the native graph at a 4x4 LOD of an 8-px net: the
+    too-large start scale comes down and the steps then train, all values finite."""
+    scaling = config.EasyDict(ADAM, use_loss_scaling=True)
+    monkeypatch.setattr(config, 'G_opt', scaling)
+    monkeypatch.setattr(config, 'D_opt', scaling)
+    kwargs = dict(NET_KWARGS, resolution=8, dtype='float16')
+    with tf.Graph().as_default(), tfutil.create_session().as_default():
+        G = tfutil.Network('G', func='networks.G_paper', latent_size=LATENT, pixelnorm_epsilon=1e-4, **kwargs)
+        D = tfutil.Network('D', func='networks.D_paper', **kwargs)
+        training_set = FedMinibatch()
+        graph = train.build_training_graph(G, D, G.clone('Gs'), training_set, 1)
+        tfutil.init_uninited_vars()
+        rng = np.random.default_rng(2)
+        feed = {training_set.reals: rng.integers(0, 256, [MINIBATCH, 3, 4, 4]).astype(np.uint8),
+                training_set.labels: np.eye(3, dtype=np.float32)[rng.integers(0, 3, MINIBATCH)],
+                training_set.random_labels: np.eye(3, dtype=np.float32)[rng.integers(0, 3, MINIBATCH)],
+                graph.lod_in: 1.0, graph.lrate_in: LRATE, graph.minibatch_in: MINIBATCH}
+        before = D.get_var('4x4/Dense0/weight')
+        losses = [tfutil.run([graph.D_train_op, graph.G_train_op, graph.D_loss_mean], feed)[-1] for _ in range(80)]
+        assert tfutil.run(graph.D_opt.get_loss_scaling_var(graph.D_losses[0][0].device)) < 64.0 - 10
+        assert not np.array_equal(D.get_var('4x4/Dense0/weight'), before)
+        assert all(np.isfinite(v).all() for v in tfutil.run(list(D.trainables.values()) + list(G.trainables.values())))
+        assert np.isfinite(losses[-10:]).all()
