@@ -2,7 +2,7 @@
 (train.full_resolution_graph): on the same reals, labels, latents and mixing factors, with random
 weights on a 32-px net with labels, both give the same G and D losses (gradient penalty and drift
 term included), the same gradient for every variable, and the same parameters after a training
-step with Adam, with one tower and with two on virtual CPU devices."""
+step with Adam (config.py's settings), with one tower and with two on virtual CPU devices."""
 
 import numpy as np
 import pytest
@@ -17,10 +17,6 @@ NET_KWARGS = dict(num_channels=3, resolution=32, label_size=3, fmap_base=64, fma
 MINIBATCH, LATENT, LRATE = 8, 16, 0.001
 LODS = [0.0, 0.4, 1.0, 1.5, 2.0, 3.0]      # 3: the lowest LOD of a 32-px net (4x4)
 RELATIVE = 1e-5
-# Adam's first step is lrate * g / (|g| + epsilon): for the default epsilon 1e-8 that is +-lrate for
-# almost every g, so a gradient that is zero but for rounding noise steps a whole lrate either way.
-# A larger epsilon keeps the step a smooth function of the gradient, and comparable.
-ADAM = config.EasyDict(beta1=0.0, beta2=0.99, epsilon=1e-4)
 
 
 class FedMinibatch:
@@ -123,9 +119,7 @@ def assert_same(native, full, start, lod):
     assert len(moved) >= 10, f'lod {lod}: the step hardly changed the parameters'
 
 
-def check_equivalence(num_gpus, start, monkeypatch):
-    monkeypatch.setattr(config, 'G_opt', ADAM)
-    monkeypatch.setattr(config, 'D_opt', ADAM)
+def check_equivalence(num_gpus, start):
     native = run_at_each_lod(False, num_gpus, start)
     full = run_at_each_lod(True, num_gpus, start)
     for lod in LODS:
@@ -137,13 +131,13 @@ def check_equivalence(num_gpus, start, monkeypatch):
 
 
 @pytest.mark.slow
-def test_native_graph_gives_the_full_resolution_losses_gradients_and_step(start, monkeypatch):
-    check_equivalence(1, start, monkeypatch)
+def test_native_graph_gives_the_full_resolution_losses_gradients_and_step(start):
+    check_equivalence(1, start)
 
 
 @pytest.mark.slow
-def test_native_graph_steps_like_the_full_resolution_one_on_two_towers(start, monkeypatch):
-    check_equivalence(2, start, monkeypatch)
+def test_native_graph_steps_like_the_full_resolution_one_on_two_towers(start):
+    check_equivalence(2, start)
 
 
 @pytest.mark.parametrize('lod', [0.0, 0.5, 1.0, 1.5, 2.0])
@@ -174,7 +168,7 @@ def test_lod_sized_networks_see_and_give_the_full_resolution_pixels(tf_session, 
 def test_fp16_loss_scaling_trains_the_native_graph(monkeypatch):
     """fp16 networks with dynamic loss scaling on the native graph at a 4x4 LOD of an 8-px net: the
     too-large start scale comes down and the steps then train, all values finite."""
-    scaling = config.EasyDict(ADAM, use_loss_scaling=True)
+    scaling = config.EasyDict(config.G_opt, use_loss_scaling=True)
     monkeypatch.setattr(config, 'G_opt', scaling)
     monkeypatch.setattr(config, 'D_opt', scaling)
     kwargs = dict(NET_KWARGS, resolution=8, dtype='float16')
