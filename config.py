@@ -115,6 +115,8 @@ desc += '-fp32'; sched.max_minibatch_per_gpu = {256: 16, 512: 8, 1024: 4}
 #desc += '-nosmoothing'; train.G_smoothing = 0.0    # Gs (snapshots, scripts) is G itself, not its running average
 #desc += '-norepeat'; train.minibatch_repeats = 1   # schedule rechecked after every minibatch instead of every 4
 #desc += '-noreset'; train.reset_opt_for_new_lod = False    # Adam keeps its moments when a new resolution comes in
+# -fullres: every LOD trains on full-resolution images (the original's way): the same losses, but early phases cost as much as the last.
+#desc += '-fullres'; train.full_resolution_graph = True    # reals and fakes enlarged to full size, D pools them back down
 
 # Disk space: keep only the newest few network-snapshot-*.pkl (network-final.pkl always stays).
 #train.network_snapshot_keep = 3    # None, the default, keeps every snapshot

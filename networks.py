@@ -75,6 +75,13 @@ def _chosen_structure(structure, is_template_graph):
     return structure
 
 
+def _check_lod_sized(lod_sized, structure):
+    if lod_sized and structure != 'recursive':
+        raise ValueError("lod_sized images need structure='recursive' (or None): the %r structure works on "
+                         "full-resolution images (for training: train.full_resolution_graph = True in config.py)"
+                         % (structure,))
+
+
 def _feature_maps(fmap_base, fmap_decay, fmap_max):
     """nf(stage): the layer width of a stage, divided by 2**fmap_decay per doubling of the
     resolution and capped at fmap_max."""
@@ -266,8 +273,11 @@ def G_paper(
         fused_scale=True,               # Upscale and convolve in one transposed convolution?
         structure=None,                 # 'linear', 'recursive', or None to choose.
         is_template_graph=False,        # True while tfutil.Network builds its template graph.
+        lod_sized=False,                # Images at the current LOD's own size instead of enlarged to full size?
         **_kwargs):
-    """Images [minibatch, num_channels, resolution, resolution] from latents and labels.
+    """Images [minibatch, num_channels, resolution, resolution] from latents and labels; with
+    lod_sized, [minibatch, num_channels, s, s] at s = resolution / 2**floor(lod) (training's
+    native path: the same pixels without the enlargement, 'recursive' structure only).
 
     Block res (2 .. log2(resolution)) makes 2**res pixels square images; the variable 'lod'
     says how many of the finest blocks are not shown yet, and a fractional lod fades the
@@ -277,6 +287,7 @@ def G_paper(
     if latent_size is None:
         latent_size = nf(0)
     structure = _chosen_structure(structure, is_template_graph)
+    _check_lod_sized(lod_sized, structure)
     activation = leaky_relu if use_leakyrelu else tf.nn.relu
 
     def normalize(x):
@@ -343,7 +354,7 @@ def G_paper(
         y = block(x, res)
 
         def to_output_size(images):
-            return upscale2d(images, 2 ** lod)
+            return images if lod_sized else upscale2d(images, 2 ** lod)
 
         def shown_alone():
             return to_output_size(to_rgb(y, res))
@@ -381,8 +392,10 @@ def D_paper(
         fused_scale=True,               # Convolve and downscale in one strided convolution?
         structure=None,
         is_template_graph=False,
+        lod_sized=False,                # Images at the current LOD's own size instead of full size?
         **_kwargs):
-    """(scores [minibatch, 1], label logits [minibatch, label_size]) for images in NCHW.
+    """(scores [minibatch, 1], label logits [minibatch, label_size]) for images in NCHW: at full
+    resolution, or with lod_sized at resolution / 2**floor(lod) ('recursive' structure only).
 
     The mirror of G_paper: block res halves 2**res pixels square features, and 'lod' says at
     which resolution the images enter (through a 1x1 from-RGB convolution); a fractional lod
@@ -390,6 +403,7 @@ def D_paper(
     res_log2 = _resolution_log2(resolution)
     nf = _feature_maps(fmap_base, fmap_decay, fmap_max)
     structure = _chosen_structure(structure, is_template_graph)
+    _check_lod_sized(lod_sized, structure)
 
     def layer(x, fmaps, conv=conv2d):
         """3x3 convolution (conv2d or conv2d_downscale2d), bias, optional batch norm, activation."""
@@ -398,8 +412,12 @@ def D_paper(
             features = batch_norm(features)
         return leaky_relu(features)
 
-    image_shape = [num_channels, resolution, resolution]
-    images_in.set_shape([None] + image_shape)
+    if lod_sized:
+        # Each LOD's branch below reshapes the images to its own size; a static size would make the
+        # other branches' reshapes fail as the graph is built, so it is left unknown here.
+        images_in = tf.placeholder_with_default(images_in, [None, num_channels, None, None])
+    else:
+        images_in.set_shape([None, num_channels, resolution, resolution])
     images = nchw_to_nhwc(tf.cast(images_in, dtype))
     lod_in = _lod_input(dtype)
 
@@ -450,8 +468,15 @@ def D_paper(
         lod shows or from the image itself, behind tf.cond so that unused blocks never run."""
         lod = res_log2 - res
 
+        def image_sized(image_res):
+            """The image at 2**image_res pixels square. A lod_sized image enters at the block
+            of lod floor(lod), this one, so it comes at 2**res."""
+            if lod_sized:
+                return downscale2d(tf.reshape(images, [-1, 2 ** res, 2 ** res, num_channels]), 2 ** (res - image_res))
+            return downscale2d(images, 2 ** (res_log2 - image_res))
+
         def image_enters_here():
-            return from_rgb(downscale2d(images, 2 ** lod), res)
+            return from_rgb(image_sized(res), res)
 
         block_input = image_enters_here
         if lod > 0:
@@ -461,7 +486,7 @@ def D_paper(
             return x
 
         def fading_in():
-            direct = from_rgb(downscale2d(images, 2 ** (lod + 1)), res - 1)
+            direct = from_rgb(image_sized(res - 1), res - 1)
             return lerp(x, direct, lod_in - lod)
 
         return cset(lambda: x, lod_in > lod, fading_in)()

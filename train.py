@@ -31,9 +31,10 @@ from tf_compat import tf   # noqa: E402
 # from the number of ops created before it, so reordering would change every later random draw.
 
 
-def process_reals(x, lod, mirror_augment, drange_data, drange_net):
-    """Reals in drange_net, optionally mirrored, with the LOD's fade applied and enlarged back to the
-    full resolution: the form G's output has at the same LOD, so D compares like with like."""
+def process_reals(x, lod, mirror_augment, drange_data, drange_net, full_resolution=True):
+    """Reals in drange_net, optionally mirrored, with the LOD's fade applied and (full_resolution)
+    enlarged back to the full resolution: the form G's output has at the same LOD, so D compares
+    like with like. Without full_resolution they stay at the LOD's own size, as the dataset gives them."""
     with tf.name_scope('ProcessReals'):
         with tf.name_scope('DynamicRange'):
             images = misc.adjust_dynamic_range(tf.cast(x, tf.float32), drange_data, drange_net)
@@ -42,8 +43,9 @@ def process_reals(x, lod, mirror_augment, drange_data, drange_net):
                 images = _flip_half_at_random(images)
         with tf.name_scope('FadeLOD'):     # Between two LODs G blends the coarser output in; so do the reals.
             images = tfutil.lerp(images, _one_level_coarser(images), lod - tf.floor(lod))
-        with tf.name_scope('UpscaleLOD'):  # The networks take and give full-resolution images.
-            images = _enlarge_to_full_resolution(images, lod)
+        if full_resolution:
+            with tf.name_scope('UpscaleLOD'):  # The networks take and give full-resolution images.
+                images = _enlarge_to_full_resolution(images, lod)
         return images
 
 
@@ -181,6 +183,7 @@ def train_progressive_gan(
         resume_kimg=None,               # Training progress at the beginning; None = exact from resume-state.json, else from the snapshot's name.
         resume_time=None,               # Wall-clock time at the beginning; None = from resume-state.json, else from the resumed run's log.
         max_nonfinite_ticks=2,          # Stop when G or D losses are non-finite (or every step overflows) for more ticks in a row than this.
+        full_resolution_graph=False,    # Networks and losses on full-resolution images at every LOD, as the original? (Same losses, slower.)
         handle_signals=True):           # SIGTERM / Ctrl-C: finish the step, write a snapshot, exit (143 / 130).
     """Train as config.py says; returns the run's result directory."""
     options = config.EasyDict(locals())     # The arguments above, by name, for _TrainingRun.
@@ -216,7 +219,8 @@ class _TrainingRun:
         self._setup_networks()
         print('Building TensorFlow graph...')
         self.graph = build_training_graph(self.G, self.D, self.Gs, training_set, config.num_gpus,
-                                          options.mirror_augment, options.drange_net, options.G_smoothing)
+                                          options.mirror_augment, options.drange_net, options.G_smoothing,
+                                          options.full_resolution_graph)
         self.cur_nimg = int(round(self.resume_kimg * 1000))
         self.sched = TrainingSchedule(self.cur_nimg, training_set, **config.sched)
         snapshots.restore_optimizers(self.resume, self._optimizer_variables(), self.sched.lod,
@@ -423,9 +427,16 @@ def save_augmented_reals(training_set, grid_reals, filename, grid_size):
 # ----------------------------------------------------------------------------
 # The training graph. As in process_reals, the order in which ops are created is part of the
 # result (it decides the random ops' seeds), so the steps below keep it.
+#
+# By default the networks and losses work on images of the current LOD's own size,
+# 2**(log2(resolution) - floor(lod)): one graph serves every phase, its tf.cond branches choosing
+# the LOD's blocks and sizes. The losses are the full-resolution graph's (full_resolution=True, the
+# original's way): enlarging by nearest neighbour and average-pooling back is the identity, and
+# the gradient penalty corrects its norm for the size (loss._enlargement).
 
 
-def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False, drange_net=[-1, 1], G_smoothing=0.999):
+def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False, drange_net=[-1, 1], G_smoothing=0.999,
+                         full_resolution=False):
     """The training ops: one tower per device, the two optimizers, and the Gs moving average."""
     graph = config.EasyDict()
     devices = tfutil.device_names(num_gpus)
@@ -439,7 +450,8 @@ def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False,
     tower_means = []
     for tower, device in enumerate(devices):
         with tf.name_scope('GPU%d' % tower), tf.device(device):
-            tower_means.append(_build_tower(graph, tower, G, D, training_set, tower_inputs, mirror_augment, drange_net))
+            tower_means.append(_build_tower(graph, tower, G, D, training_set, tower_inputs, mirror_augment, drange_net,
+                                            full_resolution))
     G_means, D_means = zip(*tower_means)
     with tf.name_scope('LossMeans'), tf.device(devices[0]):    # Fetched with each step: the losses already computed.
         graph.G_loss_mean = _average(G_means)
@@ -460,7 +472,7 @@ def _training_inputs(graph, training_set, num_gpus):
     return share, tf.split(minibatch_reals, num_gpus), tf.split(minibatch_labels, num_gpus)
 
 
-def _build_tower(graph, tower, G, D, training_set, tower_inputs, mirror_augment, drange_net):
+def _build_tower(graph, tower, G, D, training_set, tower_inputs, mirror_augment, drange_net, full_resolution):
     """One device's share: both losses on its part of the minibatch, and their gradients registered
     with the optimizers. Towers after the first work on shadow copies of G and D."""
     share, reals_per_tower, labels_per_tower = tower_inputs
@@ -469,8 +481,9 @@ def _build_tower(graph, tower, G, D, training_set, tower_inputs, mirror_augment,
     # The networks read their LOD from a variable; each loss first sets it to this step's value.
     set_lods = [tf.assign(tower_G.find_var('lod'), graph.lod_in), tf.assign(tower_D.find_var('lod'), graph.lod_in)]
     reals = augment_reals(training_set, reals_per_tower[tower])
-    reals = process_reals(reals, graph.lod_in, mirror_augment, training_set.dynamic_range, drange_net)
-    loss_kwargs = dict(G=tower_G, D=tower_D, training_set=training_set, minibatch_size=share)
+    reals = process_reals(reals, graph.lod_in, mirror_augment, training_set.dynamic_range, drange_net, full_resolution)
+    loss_kwargs = dict(G=tower_G, D=tower_D, training_set=training_set, minibatch_size=share,
+                       lod_sized=not full_resolution)
     with tf.name_scope('G_loss'):
         with tf.control_dependencies(set_lods):
             G_loss = tfutil.call_func_by_name(opt=graph.G_opt, **loss_kwargs, **config.G_loss)

@@ -35,6 +35,7 @@ Mutant = collections.namedtuple('Mutant', 'name file old new tests')
 LOSS_D_DEFAULTS = 'tests/test_loss.py::test_D_loss_with_the_default_weights_and_its_gradients'
 PROCESS_REALS = 'tests/test_process_reals.py::test_process_reals_matches_the_reference'
 TWO_TOWERS = 'tests/test_training_graph.py::test_two_towers_step_like_one'
+NATIVE_LIKE_FULL = 'tests/test_native_resolution.py::test_native_graph_gives_the_full_resolution_losses_gradients_and_step'
 
 MUTANTS = [
     Mutant('gp-weight', 'loss.py',
@@ -50,11 +51,15 @@ MUTANTS = [
            'loss += _per_sample(penalty) * cond_weight',
            'loss -= _per_sample(penalty) * cond_weight',
            ['tests/test_loss.py::test_G_loss_and_its_gradients']),
+    Mutant('gp-norm-uncorrected', 'loss.py',    # the native graph's penalty on the small image's own norm
+           'axis=[1, 2, 3])) / _enlargement(D, between)', 'axis=[1, 2, 3]))',
+           [NATIVE_LIKE_FULL]),
     Mutant('fade-reversed', 'train.py',
-           'x = tfutil.lerp(x, y, lod - tf.floor(lod))', 'x = tfutil.lerp(y, x, lod - tf.floor(lod))',
+           'images = tfutil.lerp(images, _one_level_coarser(images), lod - tf.floor(lod))',
+           'images = tfutil.lerp(_one_level_coarser(images), images, lod - tf.floor(lod))',
            [PROCESS_REALS]),
     Mutant('mirror-never-keeps', 'train.py',
-           'x = tf.where(mask < 0.5, x, tf.reverse(x, axis=[3]))', 'x = tf.where(mask < 0.0, x, tf.reverse(x, axis=[3]))',
+           'keep = coin < 0.5', 'keep = coin < 0.0',
            [PROCESS_REALS]),
     Mutant('mbstd-groups-consecutive', 'networks.py',   # groups of consecutive samples, not every (N/G)th
            'groups = tf.reshape(x, [members, -1, height, width, channels])',
@@ -74,11 +79,11 @@ MUTANTS = [
            'return tf.group(tf.assign_sub(ls_var, self.loss_scaling_dec))', 'return tf.group()',
            ['tests/test_tfutil.py::test_nonfinite_gradients_are_skipped_and_lower_the_loss_scale']),
     Mutant('tower-on-first-device', 'train.py',
-           "with tf.name_scope('GPU%d' % gpu), tf.device(device):",
-           "with tf.name_scope('GPU%d' % gpu), tf.device(devices[0]):",
+           "with tf.name_scope('GPU%d' % tower), tf.device(device):",
+           "with tf.name_scope('GPU%d' % tower), tf.device(devices[0]):",
            ['tests/test_training_graph.py::test_each_tower_sits_on_its_device']),
     Mutant('augment-skipped-in-towers', 'train.py',
-           'reals_gpu = augment_reals(training_set, reals_split[gpu])', 'reals_gpu = reals_split[gpu]',
+           'reals = augment_reals(training_set, reals_per_tower[tower])', 'reals = reals_per_tower[tower]',
            ['tests/test_augment.py::test_training_graph_augments_on_each_device']),
     Mutant('tissue-mask-inverted', 'wsi.py',
            'tissue = grey < threshold', 'tissue = grey >= threshold',
