@@ -48,6 +48,8 @@ import numpy as np
 KNOWN_SOURCES = {
     '2a007c24ca7e6d68fcfd445cbac628720c9cc8ac144e8bbce875d081b9b07fe8': "this project's networks.py at 6df2c30",
     '0da9c0cff69257f64456bdea21714591d774ae8055201d462627d6e3e18a7f2b': "this project's networks.py at 7134c70",
+    'c074a99b72e75d7b3117922e98706a402bb4d428c3a3b4ab2977d7c214f9e379': "this project's networks.py at 6153bc9",
+    '7f082236c5b16f89d84fc3222b992dab5e415515b06436bed40de626749ff052': "this project's networks.py at 99e63f0",
     # The two differ only in trailing whitespace.
     '56882b3d0f23a385e0b6707ebaff74ea495f4a1703e7770954dc0e4abfe55478':
         "networks.py of the original ProGAN (tkarras/progressive_growing_of_gans at fdc55b9) and of WSI-ProGAN "
