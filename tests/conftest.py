@@ -117,3 +117,13 @@ def tf_session_2cpu():
     from tf_compat import tf
     with tf.Graph().as_default(), tfutil.create_session({'device_count.CPU': 2}).as_default() as session:
         yield session
+
+
+@pytest.fixture(scope='module')
+def data8(tmp_path_factory):
+    """64 noise images of 8x8 as TFRecords, for short training runs in a subprocess."""
+    import dataset_tool
+    path = str(tmp_path_factory.mktemp('data') / 'noise8')
+    rnd = np.random.RandomState(0)
+    dataset_tool.write_tfrecords(path, rnd.randint(0, 256, (64, 3, 8, 8)).astype(np.uint8))
+    return path

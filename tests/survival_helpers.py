@@ -10,6 +10,10 @@ import time
 
 from train_helpers import REPO
 
+# Runs on 8x8 TFRecords (the data8 fixture): 4x4 for 0.5 kimg, a 0.5-kimg fade, then 8x8; a tick is
+# 0.25 kimg (256 images, 8 steps of 32), about a second here.
+SCHED = dict(lod_training_kimg=0.5, lod_transition_kimg=0.5, tick_kimg_base=0.25, minibatch_base=8)
+
 
 def start_train(config_path, log_path):
     """train.py on a config in its own process (output to log_path); returns the Popen."""

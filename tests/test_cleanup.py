@@ -12,28 +12,16 @@ import sys
 import time
 import types
 
-import numpy as np
 import PIL.Image
 import pytest
 
 import checks
 import config
-import dataset_tool
 import misc
 import snapshots
-from survival_helpers import log_text, wait_for
+from survival_helpers import SCHED, log_text, wait_for
 from train_helpers import REPO, run_dirs, run_train, write_config
 
-# 8x8 patches; a tick is 0.25 kimg (a second or so here).
-SCHED = dict(lod_training_kimg=0.5, lod_transition_kimg=0.5, tick_kimg_base=0.25, minibatch_base=8)
-
-
-@pytest.fixture(scope='module')
-def data8(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('data') / 'noise8')
-    rnd = np.random.RandomState(0)
-    dataset_tool.write_tfrecords(path, rnd.randint(0, 256, (64, 3, 8, 8)).astype(np.uint8))
-    return path
 
 
 def partial_files(folder):

@@ -15,23 +15,12 @@ import numpy as np
 import pytest
 
 import checks
-import dataset_tool
 import misc
 import tfutil
 from snapshots import file_sha256, load_resume_state
-from survival_helpers import log_text, resume_state, resumed_from, snapshots, start_train, wait_for
+from survival_helpers import SCHED, log_text, resume_state, resumed_from, snapshots, start_train, wait_for
 from train_helpers import REPO, run_dirs, run_train, tick_lines, write_config
 
-# 8x8 patches, 4x4 for 0.5 kimg, fade 0.5 kimg, then 8x8; a tick is 256 images (8 steps of 32).
-SCHED = dict(lod_training_kimg=0.5, lod_transition_kimg=0.5, tick_kimg_base=0.25, minibatch_base=8)
-
-
-@pytest.fixture(scope='module')
-def data8(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('data') / 'noise8')
-    rnd = np.random.RandomState(0)
-    dataset_tool.write_tfrecords(path, rnd.randint(0, 256, (64, 3, 8, 8)).astype(np.uint8))
-    return path
 
 
 @pytest.fixture(scope='module')
