@@ -17,6 +17,7 @@ import tempfile
 
 import numpy as np
 
+import cluster
 import config
 import misc
 import snapshots
@@ -43,7 +44,11 @@ def preflight(argv):
     try:
         if len(argv) == 2:
             load_config_file(argv[1])
+        nodes = cluster_nodes()
         if train_func(config) != 'train.train_progressive_gan':
+            if nodes > 1:
+                raise ConfigError('TF_CONFIG describes %d nodes, but %s runs on one machine: unset TF_CONFIG to run it'
+                                  % (nodes, train_func(config)))
             return      # Utility scripts check their own arguments.
         train = dict(config.train)
         os.environ.update(getattr(config, 'env', {}))
@@ -103,13 +108,14 @@ def validate_training_setup(resume_run_id=None, resume_snapshot=None, cfg=None, 
     their space as free. With report=True the disk check says how much space the run needs."""
     cfg = cfg if cfg is not None else config
     num_gpus = getattr(cfg, 'num_gpus', 1)
+    nodes = cluster_nodes()
     dataset_kwargs = dict(getattr(cfg, 'dataset', {}))
     sched_kwargs = dict(getattr(cfg, 'sched', {}))
     train_kwargs = dict(getattr(cfg, 'train', {}))
     check_train_lengths(train_kwargs)
     check_resolution(dataset_kwargs)
     check_downsample(dataset_kwargs)
-    check_minibatch_sizes(sched_kwargs, num_gpus)
+    check_minibatch_sizes(sched_kwargs, num_gpus, nodes)
     check_tick_lengths(sched_kwargs)
     check_names(cfg)
     check_gpus(num_gpus, gpu_counter())
@@ -119,6 +125,8 @@ def validate_training_setup(resume_run_id=None, resume_snapshot=None, cfg=None, 
     check_label_file(dataset_kwargs, getattr(cfg, 'data_dir', None))
     if dataset_kwargs.get('resolution') is None and 'tfrecord_dir' in dataset_kwargs:
         dataset_kwargs['resolution'] = tfrecord_resolution(os.path.join(getattr(cfg, 'data_dir', None) or '', dataset_kwargs['tfrecord_dir']))
+    if not is_chief():
+        return      # Only the chief writes; it also tidies and checks the space.
     remove_stale_partial_files(resume_run_id, resume_snapshot)
     check_disk_space(cfg.result_dir, dataset_kwargs, dict(getattr(cfg, 'G', {})), dict(getattr(cfg, 'D', {})),
                      train_kwargs, sched_kwargs, report)
@@ -182,19 +190,36 @@ def check_tick_lengths(sched_kwargs):
         raise ConfigError('Tick lengths must be positive numbers of kimg: %s' % ', '.join(bad))
 
 
-def check_minibatch_sizes(sched_kwargs, num_gpus):
+def cluster_nodes():
+    """How many nodes TF_CONFIG joins into this run (1 without it)."""
+    try:
+        found = cluster.nodes_from_environment()
+    except cluster.ClusterConfigError as error:
+        raise ConfigError(str(error)) from None
+    return 1 if found is None else len(found[0])
+
+
+def is_chief():
+    found = cluster.nodes_from_environment()
+    return found is None or found[1] == 0
+
+
+def check_minibatch_sizes(sched_kwargs, num_gpus, nodes=1):
     if not isinstance(num_gpus, int) or num_gpus < 1:
         raise ConfigError('num_gpus must be a positive integer, not %r' % (num_gpus,))
+    devices, device_text = num_gpus * nodes, 'num_gpus = %d' % num_gpus
+    if nodes > 1:
+        device_text = 'num_gpus x nodes = %d x %d = %d' % (num_gpus, nodes, devices)
     caps = [('sched.max_minibatch_per_gpu[%r]' % res, size) for res, size in sorted(sched_kwargs.get('max_minibatch_per_gpu', {}).items())]
     sizes = [('sched.minibatch_base', sched_kwargs.get('minibatch_base', 16))]
     sizes += [('sched.minibatch_dict[%r]' % res, size) for res, size in sorted(sched_kwargs.get('minibatch_dict', {}).items())]
     not_positive = ['%s = %r' % (name, size) for name, size in sizes + caps if not _positive_int(size)]
     if not_positive:
         raise ConfigError('Minibatch sizes must be positive whole numbers: %s' % ', '.join(not_positive))
-    bad = ['%s = %r' % (name, size) for name, size in sizes if not isinstance(size, (int, np.integer)) or size % num_gpus != 0 or size < num_gpus]
+    bad = ['%s = %r' % (name, size) for name, size in sizes if not isinstance(size, (int, np.integer)) or size % devices != 0 or size < devices]
     if bad:
-        raise ConfigError('Minibatch sizes must be multiples of num_gpus = %d (each GPU gets an equal share): %s' % (
-            num_gpus, ', '.join(bad)))
+        raise ConfigError('Minibatch sizes must be multiples of %s (each GPU gets an equal share): %s' % (
+            device_text, ', '.join(bad)))
 
 
 def check_gpus(num_gpus, available):

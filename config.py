@@ -40,6 +40,12 @@ tf_config['graph_options.place_pruned_graph'] = True    # Place only the ops a r
 #env.CUDA_VISIBLE_DEVICES                       = '0'    # Which GPUs this run may see, e.g. '0,1'; unset means all of them.
 env.TF_CPP_MIN_LOG_LEVEL                        = '1'    # '1' hides TensorFlow's info chatter and keeps its warnings and errors.
 
+# Several machines (README, "Training on several machines"): TF_CONFIG set on each node joins them
+# into one run. A node that hears nothing from the others for `timeout` seconds stops and names them
+# (the chief's snapshot writing must fit in it); start-up, while each node reads its slides and
+# builds its graph, may take up to `startup_timeout`. Ignored without TF_CONFIG.
+cluster = EasyDict(timeout=300, startup_timeout=1800)
+
 # ----------------------------------------------------------------------------
 # A training run: one line from each group below (dataset, preset, precision) plus any switches.
 # kimg counts thousands of real patches shown to the discriminator; it is the unit of progress.

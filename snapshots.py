@@ -8,10 +8,10 @@ Beside each network pickle a run keeps two more files:
 Its top level describes the newest snapshot; 'previous' keeps the entry of the pickle before.
 Snapshots of older runs, without the json, still resume: kimg from the file name, time from log.txt.
 
-Resuming, train.py asks this module once, `load_resume_point`: `locate_resume_pkl` turns
-resume_run_id (a run, a pickle or 'latest') into a pickle, `load_resume_state` finds its entry and
-`resume_progress` fills in kimg and time; later `restore_optimizers` and `restore_random_state`
-put the saved optimizer and numpy random state back.
+Resuming, train.py asks `locate_resume_pkl` to turn resume_run_id (a run, a pickle or 'latest')
+into a pickle (in a multi-node run the chief asks and tells the others), then `load_resume_point`
+loads it: `load_resume_state` finds its entry and `resume_progress` fills in kimg and time; later
+`restore_optimizers` and `restore_random_state` put the saved optimizer and numpy random state back.
 
 TensorFlow is imported only by the functions that touch variables: the pre-flight checks use
 the rest (finished runs, stale temporary files) before it loads.
@@ -231,11 +231,10 @@ def remove_old_snapshots(result_subdir, keep):
 ResumePoint = collections.namedtuple('ResumePoint', 'network_pkl networks state kimg time')
 
 
-def load_resume_point(resume_run_id, resume_snapshot=None, resume_kimg=None, resume_time=None):
-    """The ResumePoint to continue from (networks (G, D, Gs), resume-state entry or None, kimg,
-    seconds), or None to start from scratch. Build the graph under the device the networks
-    should live on before calling: loading creates their variables."""
-    network_pkl = locate_resume_pkl(resume_run_id, resume_snapshot)
+def load_resume_point(network_pkl, resume_kimg=None, resume_time=None):
+    """The ResumePoint of a pickle that locate_resume_pkl chose (networks (G, D, Gs), resume-state
+    entry or None, kimg, seconds), or None for no pickle: start from scratch. Build the graph under
+    the device the networks should live on before calling: loading creates their variables."""
     if network_pkl is None:
         return None
     print('Loading networks from "%s"...' % network_pkl)

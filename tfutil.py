@@ -93,19 +93,20 @@ DEFAULT_TF_CONFIG = {
 }
 
 
-def init_tf(config_dict=None):
-    """Create the default session (once per process), seeding numpy and TF from config."""
+def init_tf(config_dict=None, target='', random_seed=None):
+    """Create the default session (once per process), seeding numpy and TF from config.random_seed,
+    or from `random_seed` when given (each node of a multi-node run has its own). `target` is the
+    TensorFlow server to run on; '' runs in this process."""
     if _has_default_session():
         return
-    _seed_from_config()
+    _seed(_config_value('random_seed', None) if random_seed is None else random_seed)
     settings = dict(_config_value('tf_config', {}))
     settings.update(config_dict or {})
-    create_session(settings, force_as_default=True)
+    create_session(settings, force_as_default=True, target=target)
 
 
-def _seed_from_config():
-    """Seed numpy from config.random_seed, and TF's graph seed from numpy, so a run repeats."""
-    seed = _config_value('random_seed', None)
+def _seed(seed):
+    """Seed numpy, and TF's graph seed from numpy, so a run repeats (None: leave both alone)."""
     if seed is None:
         return
     np.random.seed(seed)
@@ -132,16 +133,21 @@ def _has_default_session():
     return tf.get_default_session() is not None
 
 
-def create_session(config_dict=None, force_as_default=False):
+def create_session(config_dict=None, force_as_default=False, target=''):
     """A session from a dict of dotted ConfigProto fields, e.g. {'device_count.CPU': 2}."""
+    session = tf.Session(target, config=config_proto(config_dict))
+    if force_as_default:
+        _keep_default_for_process(session)
+    return session
+
+
+def config_proto(config_dict=None):
+    """A ConfigProto with DEFAULT_TF_CONFIG and then config_dict's dotted fields set."""
     fields = dict(DEFAULT_TF_CONFIG, **(config_dict or {}))
     proto = tf.ConfigProto()
     for dotted, value in fields.items():
         _set_proto_field(proto, dotted, value)
-    session = tf.Session(config=proto)
-    if force_as_default:
-        _keep_default_for_process(session)
-    return session
+    return proto
 
 
 def _keep_default_for_process(session):
@@ -158,7 +164,9 @@ def _set_proto_field(proto, dotted, value):
     obj = proto
     for name in parents:
         obj = getattr(obj, name)
-    if hasattr(obj, 'DESCRIPTOR'):
+    if isinstance(value, (list, tuple)):    # A repeated field such as device_filters.
+        getattr(obj, last)[:] = list(value)
+    elif hasattr(obj, 'DESCRIPTOR'):
         setattr(obj, last, value)
     else:   # A proto map such as device_count.
         obj[last] = value
@@ -420,9 +428,11 @@ def save_summaries(filewriter, global_step=None):
 class Optimizer:
     # The loss scale is 2**v with v a variable per device: it starts at loss_scaling_init, goes up
     # by loss_scaling_inc after each finite step and down by loss_scaling_dec after an overflow.
+    # In a multi-node run `cluster_node` (a cluster.Node) sums the gradients over the nodes as well;
+    # every node then applies the same mean, and an overflow on any node is an overflow everywhere.
     def __init__(self, name='Train', tf_optimizer='tf.train.AdamOptimizer', learning_rate=0.001,
                  use_loss_scaling=False, loss_scaling_init=64.0, loss_scaling_inc=0.0005, loss_scaling_dec=1.0,
-                 **kwargs):
+                 cluster_node=None, **kwargs):
         self.name = name
         self.id = name.replace('/', '.')       # Summary tags and name scopes use the id.
         graph = tf.get_default_graph()
@@ -431,6 +441,7 @@ class Optimizer:
         self.optimizer_class = import_obj(tf_optimizer)
         self.optimizer_kwargs = kwargs          # For the TF optimizer: beta1, epsilon...
         self.use_loss_scaling = bool(use_loss_scaling)
+        self.cluster_node = cluster_node if cluster_node is not None and cluster_node.count > 1 else None
         # Numbers, checked here rather than deep inside graph building.
         self.loss_scaling_init, self.loss_scaling_inc, self.loss_scaling_dec = (
             float(loss_scaling_init), float(loss_scaling_inc), float(loss_scaling_dec))
@@ -489,6 +500,9 @@ class Optimizer:
             device_grads = self._sum_within_devices(devices)
             if len(devices) > 1:
                 self._sum_across_devices(devices, device_grads)
+            if self.cluster_node is not None:
+                self._sum_across_nodes(devices, device_grads)
+                num_towers *= self.cluster_node.count
             update_ops = []
             for index, device in enumerate(devices):
                 with tf.name_scope('ApplyGrads%d' % index), tf.device(device):
@@ -520,6 +534,15 @@ class Optimizer:
                 totals = _nccl_all_sum(grads) if nccl and np.prod(shape) else _sum_copied_to(grads, devices)
                 for device, total in zip(devices, totals):
                     device_grads[device][i] = (total, device_grads[device][i][1])
+
+    def _sum_across_nodes(self, devices, device_grads):
+        """Replace each device's gradients by their sum over all nodes (in place): one packed
+        all-reduce from the first device, whose sums already hold this node's towers."""
+        with tf.name_scope('SumAcrossNodes'), tf.device(devices[0]):
+            totals = self.cluster_node.all_reduce_sum([grad for grad, _ in device_grads[devices[0]]])
+        for device in devices:
+            with tf.device(device):
+                device_grads[device] = [(tf.identity(total), var) for total, (_, var) in zip(totals, device_grads[device])]
 
     def _device_update_ops(self, device, grads, num_towers, report):
         """Scale the summed gradients to a mean, then apply them unless one is not finite."""

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 import checks
+import cluster
 import config
 import misc
 
@@ -192,11 +193,19 @@ def train_progressive_gan(
     finished = checks.finished_run(resume_run_id, total_kimg)
     if finished:
         return os.path.dirname(finished)
-    training_set = dataset.load_dataset(**config.dataset, data_dir=config.data_dir, verbose=True)
+    training_set = dataset.load_dataset(**_dataset_kwargs(cluster.this_node()), data_dir=config.data_dir, verbose=True)
     try:
         return _TrainingRun(training_set, options, setup_start).train()
     finally:
         training_set.close()    # Slide readers and prefetch threads, also when training fails.
+
+
+def _dataset_kwargs(node):
+    """config.dataset, with a seed of its own on each node when the config fixes one."""
+    kwargs = dict(config.dataset)
+    if kwargs.get('seed') is not None and node.count > 1:
+        kwargs['seed'] = [kwargs['seed'], node.index]
+    return kwargs
 
 
 def _new_networks(training_set):
@@ -209,30 +218,46 @@ def _new_networks(training_set):
 
 
 class _TrainingRun:
-    """One run of train_progressive_gan: set up in the constructor, trained by train()."""
+    """One run of train_progressive_gan: set up in the constructor, trained by train().
+
+    In a multi-node run (cluster.py) every node runs this with the same config. The chief alone
+    writes results; every decision that ends or changes the run (the schedule, bad losses, a stop
+    signal) is made from values that are identical on all nodes, so that they act in step."""
 
     def __init__(self, training_set, options, setup_start):
         self.training_set = training_set
         self.opts = options
+        self.node = cluster.this_node()
+        self.num_devices = config.num_gpus * self.node.count     # Towers over all nodes; minibatches are split over them.
         self.maintenance_start = setup_start    # The time before the first tick counts as maintenance.
-        self.writer = None      # A SnapshotWriter once training starts.
+        self.writer = None      # The chief's SnapshotWriter once training starts.
+        self.result_subdir = None
         self._setup_networks()
         print('Building TensorFlow graph...')
         self.graph = build_training_graph(self.G, self.D, self.Gs, training_set, config.num_gpus,
                                           options.mirror_augment, options.drange_net, options.G_smoothing,
-                                          options.full_resolution_graph)
+                                          options.full_resolution_graph, self.node)
         self.cur_nimg = int(round(self.resume_kimg * 1000))
-        self.sched = TrainingSchedule(self.cur_nimg, training_set, **config.sched)
-        snapshots.restore_optimizers(self.resume, self._optimizer_variables(), self.sched.lod,
-                                     options.reset_opt_for_new_lod)
-        with self._stop_if_writing_fails():
-            self._setup_result_dir(self._setup_grid())
+        self.sched = self._schedule()
+        if self.node.is_chief:
+            snapshots.restore_optimizers(self.resume, self._optimizer_variables(), self.sched.lod,
+                                         options.reset_opt_for_new_lod)
+            with self._stop_if_writing_fails():
+                self._setup_result_dir(self._setup_grid())
+        self.node.broadcast_from_chief(trained_variables(self.G, self.D, self.Gs, self.graph))
+
+    def _schedule(self):
+        return TrainingSchedule(self.cur_nimg, self.training_set, **config.sched, num_gpus=self.num_devices)
 
     def _setup_networks(self):
         opts = self.opts
+        network_pkl = self.node.share_from_chief(
+            snapshots.locate_resume_pkl(opts.resume_run_id, opts.resume_snapshot) if self.node.is_chief else None)
+        if network_pkl is not None and not os.path.isfile(network_pkl):
+            raise checks.ConfigError('%s cannot read "%s", the snapshot the chief resumes from: result_dir must be '
+                                     'on storage that every node sees at the same path' % (self.node.describe(), network_pkl))
         with tf.device(tfutil.device_names(1)[0]):
-            self.resume = snapshots.load_resume_point(opts.resume_run_id, opts.resume_snapshot,
-                                                      opts.resume_kimg, opts.resume_time)
+            self.resume = snapshots.load_resume_point(network_pkl, opts.resume_kimg, opts.resume_time)
             if self.resume is None:
                 print('Constructing networks...')
                 self.G, self.D, self.Gs = _new_networks(self.training_set)
@@ -294,7 +319,7 @@ class _TrainingRun:
             self.writer.save(name, self.cur_nimg, total_time, self.cur_tick, self.sched.lod)
 
     def _grid_fakes(self):
-        return self.Gs.run(self.grid_latents, self.grid_labels, minibatch_size=self.sched.minibatch // config.num_gpus)
+        return self.Gs.run(self.grid_latents, self.grid_labels, minibatch_size=self.sched.minibatch // self.num_devices)
 
     def _save_fakes(self, fakes, kimg):
         with self._stop_if_writing_fails():
@@ -303,15 +328,18 @@ class _TrainingRun:
 
     def train(self):
         print('Training...')
-        snapshots.restore_random_state(self.resume)
         self.cur_tick = snapshots.resume_tick(self.resume)
         self.tick_start_nimg = self.cur_nimg
         self.tick_start_time = time.time()
         self.train_start_time = self.tick_start_time - self.resume_time
-        self.writer = snapshots.SnapshotWriter(self.result_subdir, self.G, self.D, self.Gs,
-                                               self.graph.G_opt, self.graph.D_opt, self.opts.network_snapshot_keep)
         self.health = survival.LossHealth(self.graph.G_opt, self.graph.D_opt, self.opts.max_nonfinite_ticks)
         self.stop = survival.SignalCatcher([signal.SIGTERM, signal.SIGINT] if self.opts.handle_signals else [])
+        self.stop_request = None    # (signal number, node that caught it) once the run is to stop.
+        if not self.node.is_chief:
+            return self._train_as_worker()
+        snapshots.restore_random_state(self.resume)     # Other nodes keep their own random streams.
+        self.writer = snapshots.SnapshotWriter(self.result_subdir, self.G, self.D, self.Gs,
+                                               self.graph.G_opt, self.graph.D_opt, self.opts.network_snapshot_keep)
         try:
             self._train_until_done()
         finally:
@@ -322,78 +350,114 @@ class _TrainingRun:
             open(self._path('_training-done.txt'), 'wt').close()
         return self.result_subdir
 
+    def _train_as_worker(self):
+        """A node other than the chief trains in step with it and writes nothing."""
+        try:
+            self._train_until_done()
+        finally:
+            self.stop.restore()
+        print('Training done on %s; the chief writes the results.' % self.node.describe())
+
     def _train_until_done(self):
         end_nimg = self.opts.total_kimg * 1000
         prev_lod = None
         while self.cur_nimg < end_nimg:
-            self.sched = TrainingSchedule(self.cur_nimg, self.training_set, **config.sched)
-            self.training_set.configure(self.sched.minibatch, self.sched.lod)
+            self.sched = self._schedule()
+            self.training_set.configure(self.sched.minibatch // self.node.count, self.sched.lod)
             if prev_lod is not None and self.opts.reset_opt_for_new_lod and \
                     not snapshots.same_lod_phase(self.sched.lod, prev_lod):
                 self.graph.G_opt.reset_optimizer_state()
                 self.graph.D_opt.reset_optimizer_state()
             prev_lod = self.sched.lod
             self._train_steps()
-            if self.stop.signum is not None:
+            if self.stop_request is not None:
                 self._snapshot_and_exit()
             done = self.cur_nimg >= end_nimg
             if done or self.cur_nimg >= self.tick_start_nimg + self.sched.tick_kimg * 1000:
                 self._end_tick(done)
         if self.health.bad_ticks:
             raise survival.TrainingStopped('Training ended with non-finite losses in the last tick; network-final.pkl '
-                                           'is not written. The last good snapshot is %s' % self.writer.last_name)
+                                           'is not written. The last good snapshot is %s' % self._last_snapshot())
+
+    def _last_snapshot(self):
+        return self.writer.last_name if self.writer is not None else None
 
     def _train_steps(self):
-        """minibatch_repeats rounds of D_repeats D steps and one G step; stops early on a signal."""
-        graph, sched = self.graph, self.sched
-        D_feed = {graph.lod_in: sched.lod, graph.lrate_in: sched.D_lrate, graph.minibatch_in: sched.minibatch}
-        G_feed = {graph.lod_in: sched.lod, graph.lrate_in: sched.G_lrate, graph.minibatch_in: sched.minibatch}
+        """minibatch_repeats rounds of D_repeats D steps and one G step; stops early on a signal.
+        Each step reports [the mean loss over all nodes, the signal each node caught]."""
+        graph, sched, node = self.graph, self.sched, self.node
+        D_feed = {graph.lod_in: sched.lod, graph.lrate_in: sched.D_lrate, graph.minibatch_in: sched.minibatch // node.count}
+        G_feed = dict(D_feed)
+        G_feed[graph.lrate_in] = sched.G_lrate
         for _ in range(self.opts.minibatch_repeats):
+            D_feed[graph.signal_in] = G_feed[graph.signal_in] = self.stop.signum or 0
             for _ in range(self.opts.D_repeats):
-                D_loss = tfutil.run([graph.D_train_op, graph.Gs_update_op, graph.D_loss_mean], D_feed)[-1]
+                D_report = node.run([graph.D_train_op, graph.Gs_update_op, graph.D_report], D_feed)[-1]
                 self.cur_nimg += sched.minibatch
-                self.health.record('D', D_loss)
-            G_loss = tfutil.run([graph.G_train_op, graph.G_loss_mean], G_feed)[-1]
-            self.health.record('G', G_loss)
-            if self.stop.signum is not None:
+                self.health.record('D', D_report[0])
+            G_report = node.run([graph.G_train_op, graph.G_report], G_feed)[-1]
+            self.health.record('G', G_report[0])
+            self.stop_request = self._stop_requested(G_report)
+            if self.stop_request is not None:
                 return
+
+    def _stop_requested(self, G_report):
+        """(signal, node index) that ends the run after this step, or None. One machine acts on its own
+        flag at once; nodes act only on the step's report, so that all of them stop at the same step."""
+        if self.node.count == 1:
+            return None if self.stop.signum is None else (self.stop.signum, 0)
+        asked = [(int(signum), index) for index, signum in enumerate(G_report[1:]) if signum]
+        return asked[0] if asked else None
 
     def _snapshot_and_exit(self):
         """The step in flight has finished: snapshot it (unless its losses are bad) and exit 128 + signal."""
+        signum, asker = self.stop_request
+        what = signal.Signals(signum).name
+        if self.node.count > 1:
+            what += ' on %s' % self.node.describe(asker)
         total_time = time.time() - self.train_start_time
         kimg = self.cur_nimg / 1000.0
         name = 'network-snapshot-%06d.pkl' % (self.cur_nimg // 1000)
-        if self.health.current_tick_bad():
+        if not self.node.is_chief:
+            print('%s at kimg %.3f: the chief writes the snapshot; exiting' % (what, kimg))
+        elif self.health.current_tick_bad():
             print('%s at kimg %.3f: losses are not finite, so no snapshot is written; the last good one is %s' % (
-                self.stop.name, kimg, self.writer.last_name))
+                what, kimg, self._last_snapshot()))
         else:
             self._save_snapshot(name, total_time)
             print('%s at kimg %.3f (tick %d, time %s): wrote %s and %s; exiting' % (
-                self.stop.name, kimg, self.cur_tick, misc.format_time(total_time), name, snapshots.RESUME_STATE_FILE))
-        self.summary_log.close()
-        raise SystemExit(128 + self.stop.signum)
+                what, kimg, self.cur_tick, misc.format_time(total_time), name, snapshots.RESUME_STATE_FILE))
+        if self.node.is_chief:
+            self.summary_log.close()
+        raise SystemExit(128 + signum)
 
     def _end_tick(self, done):
-        """Once per tick: the progress line and summaries, then image and network snapshots when due."""
+        """Once per tick: the progress line and summaries, then (the chief) image and network
+        snapshots when due; the other nodes wait for it at the end."""
         self.cur_tick += 1
         now = time.time()
         total_time = now - self.train_start_time
-        self._report_tick(now, total_time)
+        sec_per_kimg = (now - self.tick_start_time) / ((self.cur_nimg - self.tick_start_nimg) / 1000.0)
+        node_rates = self.node.gather([sec_per_kimg])[:, 0]
+        self._report_tick(now, total_time, node_rates)
         for line in getattr(self.training_set, 'tick_report', list)():    # A dataset of one's own may lack it.
             print(line)
         self.tick_start_nimg = self.cur_nimg
         self.maintenance_start = now
-        if self.cur_tick % self.opts.image_snapshot_ticks == 0 or done:
+        if self.node.is_chief and (self.cur_tick % self.opts.image_snapshot_ticks == 0 or done):
             self._save_fakes(self._grid_fakes(), self.cur_nimg // 1000)
-        tick_bad = self.health.end_tick(self.cur_tick, self.cur_nimg, self.writer.last_name)   # Raises TrainingStopped when it persists.
-        if (self.cur_tick % self.opts.network_snapshot_ticks == 0 or done) and not tick_bad:
+        tick_bad = self.health.end_tick(self.cur_tick, self.cur_nimg, self._last_snapshot())   # Raises TrainingStopped when it persists.
+        if self.node.is_chief and (self.cur_tick % self.opts.network_snapshot_ticks == 0 or done) and not tick_bad:
             self._save_snapshot('network-snapshot-%06d.pkl' % (self.cur_nimg // 1000), total_time)
+        self.node.barrier('the end of a tick (while the chief writes its snapshots)')
         self.tick_start_time = time.time()     # Snapshot writing above counts as the next tick's maintenance.
 
-    def _report_tick(self, now, total_time):
-        """Print the tick line (misc.TickLine) and log the same values, and more, to TensorBoard."""
+    def _report_tick(self, now, total_time, node_rates):
+        """Print the tick line (misc.TickLine); the chief also logs the same values, and more, to
+        TensorBoard, and in a multi-node run every node's sec/kimg."""
         tick_sec = now - self.tick_start_time
-        summary = tfutil.autosummary
+        chief = self.node.is_chief
+        summary = tfutil.autosummary if chief else (lambda name, value: value)
         print(misc.format_tick_line(misc.TickLine(
             tick=summary('Progress/tick', self.cur_tick),
             kimg=summary('Progress/kimg', self.cur_nimg / 1000.0),
@@ -401,11 +465,15 @@ class _TrainingRun:
             minibatch=summary('Progress/minibatch', self.sched.minibatch),
             total_sec=summary('Timing/total_sec', total_time),
             sec_per_tick=summary('Timing/sec_per_tick', tick_sec),
-            sec_per_kimg=summary('Timing/sec_per_kimg', tick_sec / ((self.cur_nimg - self.tick_start_nimg) / 1000.0)),
+            sec_per_kimg=summary('Timing/sec_per_kimg', node_rates[self.node.index]),
             maintenance_sec=summary('Timing/maintenance_sec', self.tick_start_time - self.maintenance_start))))
-        summary('Timing/total_hours', total_time / 3600.0)
-        summary('Timing/total_days', total_time / 86400.0)
-        tfutil.save_summaries(self.summary_log, self.cur_nimg)
+        if self.node.count > 1:
+            print('sec/kimg by node: %s' % '  '.join('node %d %.2f' % (index, summary('Timing/node%d/sec_per_kimg' % index, rate))
+                                                     for index, rate in enumerate(node_rates)))
+        if chief:
+            summary('Timing/total_hours', total_time / 3600.0)
+            summary('Timing/total_days', total_time / 86400.0)
+            tfutil.save_summaries(self.summary_log, self.cur_nimg)
 
 
 def augment_reals(training_set, reals):
@@ -436,16 +504,18 @@ def save_augmented_reals(training_set, grid_reals, filename, grid_size):
 
 
 def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False, drange_net=[-1, 1], G_smoothing=0.999,
-                         full_resolution=False):
-    """The training ops: one tower per device, the two optimizers, and the Gs moving average."""
+                         full_resolution=False, node=None):
+    """The training ops: one tower per device, the two optimizers, the Gs moving average, and each
+    step's report. `node` (cluster.py) joins this graph to the same graph on other nodes."""
+    node = node or cluster.LocalNode()
     graph = config.EasyDict()
     devices = tfutil.device_names(num_gpus)
     with tf.device(devices[0]):
         graph.Gs_update_op = Gs.setup_as_moving_average_of(G, beta=G_smoothing)
     with tf.name_scope('Inputs'):
         tower_inputs = _training_inputs(graph, training_set, num_gpus)
-    graph.G_opt = tfutil.Optimizer(name='TrainG', learning_rate=graph.lrate_in, **config.G_opt)
-    graph.D_opt = tfutil.Optimizer(name='TrainD', learning_rate=graph.lrate_in, **config.D_opt)
+    graph.G_opt = tfutil.Optimizer(name='TrainG', learning_rate=graph.lrate_in, cluster_node=node, **config.G_opt)
+    graph.D_opt = tfutil.Optimizer(name='TrainD', learning_rate=graph.lrate_in, cluster_node=node, **config.D_opt)
     graph.G_losses, graph.D_losses = [], []     # (loss, network) per tower, for benchmarks that time the bare work.
     tower_means = []
     for tower, device in enumerate(devices):
@@ -458,6 +528,10 @@ def build_training_graph(G, D, Gs, training_set, num_gpus, mirror_augment=False,
         graph.D_loss_mean = _average(D_means)
     graph.G_train_op = graph.G_opt.apply_updates()
     graph.D_train_op = graph.D_opt.apply_updates()
+    with tf.name_scope('StepReports'), tf.device(devices[0]):
+        graph.signal_in = tf.placeholder(tf.float32, name='signal_in', shape=[])   # The signal this node caught, or 0.
+        graph.D_report = _step_report(graph.D_loss_mean, graph.signal_in, node)
+        graph.G_report = _step_report(graph.G_loss_mean, graph.signal_in, node)
     return graph
 
 
@@ -500,6 +574,22 @@ def _build_tower(graph, tower, G, D, training_set, tower_inputs, mirror_augment,
     return G_mean, D_mean
 
 
+def trained_variables(G, D, Gs, graph):
+    """Every variable that training changes (the networks, the towers' copies of them, the
+    optimizers' state): what all nodes of a multi-node run must agree on before the first step."""
+    tower_copies = [net for _, net in graph.G_losses[1:] + graph.D_losses[1:]]
+    networks = [G, D, Gs] + tower_copies
+    return [var for net in networks for var in net.vars.values()] + graph.G_opt.variables() + graph.D_opt.variables()
+
+
+def _step_report(loss_mean, signal_in, node):
+    """Fetched with a step: [its mean loss over all nodes, then the signal each node caught (0:
+    none)]. Every node gets the same report, so decisions taken from it agree everywhere."""
+    caught = tf.one_hot(node.index, node.count) * signal_in
+    mine = tf.concat([[loss_mean / node.count], caught], axis=0)
+    return node.all_reduce_sum([mine])[0]
+
+
 def _average(tower_means):
     return tf.add_n([tf.cast(mean, tf.float32) for mean in tower_means]) / len(tower_means)
 
@@ -520,6 +610,16 @@ def session_config(tf_config, num_gpus):
     return fields
 
 
+def start_tensorflow(node):
+    """The default session: in this process, or on this node's TensorFlow server in a multi-node
+    run. Seeds numpy (before TF: its graph seed is drawn from numpy) with the node's seed."""
+    np.random.seed(node.seed(config.random_seed))
+    fields = dict(session_config(config.tf_config, config.num_gpus), **node.session_fields())
+    target = node.start_server(tfutil.config_proto(fields))
+    tfutil.init_tf(fields, target=target, random_seed=node.seed(config.random_seed))
+    cluster.set_this_node(node)
+
+
 def main(argv):
     if len(argv) > 2:
         sys.exit('usage: python train.py [config_file.py]')
@@ -527,19 +627,21 @@ def main(argv):
         use_config_file(argv[1])
     try:
         func = checks.train_func(config)
-    except checks.ConfigError as error:
+        node = cluster.node_from_environment(getattr(config, 'cluster', {}))
+    except (checks.ConfigError, cluster.ClusterConfigError) as error:
         sys.exit('Configuration error: %s' % error)
     misc.init_output_logging()
-    np.random.seed(config.random_seed)      # Before TensorFlow starts: its graph seed is drawn from numpy.
     print('Initializing TensorFlow...')
     os.environ.update(config.env)
-    tfutil.init_tf(session_config(config.tf_config, config.num_gpus))
+    if node.count > 1:
+        print('Joining the run as %s of %d nodes' % (node.describe(), node.count))
+    start_tensorflow(node)
     print('Running %s()...' % func)
     try:
         tfutil.call_func_by_name(**config.train)
     except checks.ConfigError as error:
         sys.exit('Configuration error: %s' % error)
-    except survival.TrainingStopped as error:
+    except (survival.TrainingStopped, cluster.NodeLost) as error:
         sys.exit(str(error))
     print('Exiting...')
 

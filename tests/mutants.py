@@ -35,6 +35,7 @@ Mutant = collections.namedtuple('Mutant', 'name file old new tests')
 LOSS_D_DEFAULTS = 'tests/test_loss.py::test_D_loss_with_the_default_weights_and_its_gradients'
 PROCESS_REALS = 'tests/test_process_reals.py::test_process_reals_matches_the_reference'
 TWO_TOWERS = 'tests/test_training_graph.py::test_two_towers_step_like_one'
+NODES_LIKE_DEVICES = 'tests/test_cluster.py::test_two_nodes_step_like_one_process_with_two_devices'
 NATIVE_LIKE_FULL = 'tests/test_native_resolution.py::test_native_graph_gives_the_full_resolution_losses_gradients_and_step'
 
 MUTANTS = [
@@ -110,6 +111,15 @@ MUTANTS = [
     Mutant('fast-read-path-lost', 'wsi.py',
            "osr = getattr(handle, '_osr', None)", "osr = getattr(handle, '_osr_handle', None)",
            ['tests/test_wsi.py::test_sampler_reads_through_the_fast_path']),
+    Mutant('nodes-not-summed', 'tfutil.py',
+           'self._sum_across_nodes(devices, device_grads)', 'pass',
+           [NODES_LIKE_DEVICES]),
+    Mutant('chief-weights-not-shared', 'cluster.py',
+           'keep = 1.0 if self.is_chief else 0.0', 'keep = 1.0 / self.count',
+           [NODES_LIKE_DEVICES]),
+    Mutant('stop-signal-not-shared', 'train.py',
+           'caught = tf.one_hot(node.index, node.count) * signal_in', 'caught = tf.one_hot(node.index, node.count) * 0',
+           ['tests/test_cluster.py::test_sigterm_on_one_node_stops_both_at_the_same_step']),
 ]
 
 
