@@ -10,6 +10,7 @@ covers the same field of view of `resolution * downsample` level-0 pixels.
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import ctypes
 import dataclasses
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import threading
+import uuid
 
 import cv2
 import numpy as np
@@ -177,18 +179,60 @@ def compute_tissue_mask(thumbnail_rgb):
     return cv2.erode(tissue.astype(np.uint8), kernel)
 
 
+@contextlib.contextmanager
+def atomic_output(path, replace=True):
+    """A binary file to write path's content into, such that path holds either nothing (or its
+    old file) or the complete new one, even with writers on several hosts of a shared file
+    system. The file is created exclusively under a random name beside path (PIDs and thread
+    idents repeat from host to host), synced, and renamed to path when the block ends; it is
+    removed when the block raises. replace=False keeps a file another writer put at path first
+    and drops this one: on NFS, replacing a file under a reader on another host breaks its reads."""
+    tmp = f'{path}.{uuid.uuid4().hex}.tmp'
+    f = open(tmp, 'xb')
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())    # so a crash just after the rename cannot leave an empty file
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_unless_present(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _publish_unless_present(tmp, path):
+    try:
+        os.link(tmp, path)          # fails when path exists, atomically, on NFS too
+    except FileExistsError:
+        pass
+    except OSError:                 # a file system without hard links (FAT, some SMB mounts)
+        if not os.path.exists(path):
+            os.replace(tmp, path)
+
+
 def write_png(path, image):
-    """PNG via a temporary name (atomic, never a truncated file; any path encoding)."""
+    """PNG written through atomic_output (any path encoding)."""
     ok, buf = cv2.imencode('.png', image)
-    tmp = f'{path}.{os.getpid()}.{threading.get_ident()}.tmp'
-    with open(tmp, 'wb') as f:
+    with atomic_output(path) as f:
         f.write(buf.tobytes())
-    os.replace(tmp, path)
 
 
 def read_png(path, flags=cv2.IMREAD_UNCHANGED):
     with open(path, 'rb') as f:
         return cv2.imdecode(np.frombuffer(f.read(), np.uint8), flags)
+
+
+def read_cached_mask(cache_path):
+    """The mask cached at cache_path, or None when there is none or it does not decode: gone
+    since it was listed (another node rebuilding it, or a stale NFS handle), empty, or cut
+    short (an older version could publish another host's half-written file)."""
+    try:
+        return read_png(cache_path, cv2.IMREAD_GRAYSCALE)
+    except (OSError, cv2.error):    # cv2.error: an empty file
+        return None
 
 
 def slide_thumbnail(handle, max_size, strip_pixels=1 << 24):
@@ -212,12 +256,12 @@ def slide_thumbnail(handle, max_size, strip_pixels=1 << 24):
 
 
 def load_or_build_mask(handle, slide_path, cache_dir):
-    """(mask, cache warning or None): from the cache when present, else computed and cached."""
+    """(mask, cache warning or None): from the cache when it holds a readable mask, else computed
+    and cached."""
     cache_path = mask_cache_path(slide_path, cache_dir)
-    if os.path.exists(cache_path):
-        mask = read_png(cache_path, cv2.IMREAD_GRAYSCALE)
-        if mask is not None:
-            return mask, None
+    mask = read_cached_mask(cache_path)
+    if mask is not None:
+        return mask, None
     thumbnail = slide_thumbnail(handle, MASK_MAX_SIZE)
     mask = compute_tissue_mask(thumbnail)
     try:
