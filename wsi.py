@@ -954,10 +954,11 @@ def _jpeg_tiles(rgb, tile, quality):
 
 
 def write_pyramidal_tiff(path, rgb, tile=256, aperio=False, mpp=0.25, app_mag=40, level_factor=2,
-                         quality=90, min_level_size=None):
+                         quality=90, min_level_size=None, replace=True):
     """Tiled JPEG pyramid OpenSlide opens: aperio=True writes an Aperio .svs-style description
     (vendor 'aperio', with MPP), otherwise a generic tiled TIFF. Levels shrink by level_factor
-    until the long side is <= min_level_size (default: the tile size)."""
+    until the long side is <= min_level_size (default: the tile size). Written through
+    atomic_output; replace=False keeps a slide already at path."""
     min_level_size = min_level_size or tile
     levels = [np.ascontiguousarray(rgb)]
     while max(levels[-1].shape[:2]) > min_level_size and min(levels[-1].shape[:2]) >= 2 * level_factor:
@@ -966,7 +967,7 @@ def write_pyramidal_tiff(path, rgb, tile=256, aperio=False, mpp=0.25, app_mag=40
     height, width = rgb.shape[:2]
     description = (f'Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) '
                    f'JPEG/RGB Q={quality}|AppMag = {app_mag}|MPP = {mpp}') if aperio else None
-    with tifffile.TiffWriter(path) as tif:
+    with atomic_output(path, replace) as f, tifffile.TiffWriter(f) as tif:
         for i, level in enumerate(levels):
             tif.write(_jpeg_tiles(level, tile, quality), shape=level.shape, dtype=np.uint8, tile=(tile, tile),
                       compression='jpeg', photometric='rgb', subfiletype=0 if i == 0 else 1,
@@ -1010,15 +1011,30 @@ def _blob_field(width, height, rng, num_blobs):
     return ((field - 0.5) * 4 + 0.5).clip(0, 1)
 
 
-def create_demo_slides(out_dir, seed=1000, log=print):
-    """Write the demo slides (deterministic from seed) into out_dir; returns their paths."""
+def create_demo_slides(out_dir, seed=1000, log=print, keep_existing=False, slides=DEMO_SLIDES):
+    """Write the demo slides into out_dir; returns their paths. Their images come in turn from one
+    generator seeded with seed, so every writer writes the same bytes. keep_existing=True writes
+    only the ones missing and never replaces one: for nodes of a multi-node run sharing out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
-    for name, width, height, level_factor, num_blobs in DEMO_SLIDES:
+    for name, width, height, level_factor, num_blobs in slides:
         path = os.path.join(out_dir, name)
-        rgb = demo_tissue_image(width, height, rng, num_blobs)
-        write_pyramidal_tiff(path, rgb, aperio=name.endswith('.svs'), level_factor=level_factor)
-        log(f'Wrote {path} ({width}x{height})')
+        rgb = demo_tissue_image(width, height, rng, num_blobs)    # also when kept: later slides draw after it
+        if not (keep_existing and os.path.exists(path)):
+            write_pyramidal_tiff(path, rgb, aperio=name.endswith('.svs'), level_factor=level_factor,
+                                 replace=not keep_existing)
+            log(f'Wrote {path} ({width}x{height})')
         paths.append(path)
     return paths
+
+
+def demo_slides_wanted(folder, wsi_ext='.svs', recursive=False, slides=DEMO_SLIDES):
+    """Whether a dataset with create_demo should write demo slides into folder: it holds no slides
+    but demo slides and lacks some of them (none written yet, or another node still writing)."""
+    if not os.path.isdir(folder):
+        return True
+    names = [name for name, *_ in slides]
+    if any(os.path.relpath(path, folder) not in names for path in find_slides(folder, wsi_ext, recursive)):
+        return False
+    return not all(os.path.exists(os.path.join(folder, name)) for name in names)

@@ -87,7 +87,15 @@ def mask_node(cache_dir, expected_file, go, seconds):
     print(json.dumps(dict(start=start, end=time.time(), rounds=rounds)))
 
 
+def demo_node(folder, slides, go):
+    """What dataset.WSIDataset does with create_demo=True, for the demo slides `slides` (JSON)."""
+    slides = [tuple(spec) for spec in json.loads(slides)]
+    wait_for(go)
+    if wsi.demo_slides_wanted(folder, ['.svs', '.tif'], slides=slides):
+        wsi.create_demo_slides(folder, keep_existing=True, slides=slides, log=lambda message: None)
+
+
 if __name__ == '__main__':
     kind, *args = sys.argv[1:]
     with numbered_like_every_other_host():
-        {'masks': mask_node}[kind](*args)
+        {'masks': mask_node, 'demo': demo_node}[kind](*args)

@@ -1,19 +1,27 @@
-"""Files that several training nodes write into shared storage at once: the tissue-mask cache. Each node is a real process; "other hosts" are processes that share a folder and,
+"""Files that several training nodes write into shared storage at once: the tissue-mask cache and
+the demo slides. Each node is a real process; "other hosts" are processes that share a folder and,
 as machines of a cluster can, the same PID and thread ident."""
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
 import openslide
 import pytest
 
+import dataset
 import wsi
-from conftest import write_slide
+from conftest import slide_image, write_slide
 from train_helpers import REPO
+
+SMALL_DEMO_SLIDES = [(name, width // 8, height // 8, factor, blobs) for name, width, height, factor, blobs in wsi.DEMO_SLIDES]
+DEMO_NAMES = sorted(name for name, *_ in wsi.DEMO_SLIDES)
+
 
 def start_nodes(count, kind, *args):
     """count processes of tests/shared_storage_nodes.py, each waiting for its go file."""
@@ -89,3 +97,84 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
             file.write(b'half a PNG')
             raise OSError('disk full')
     assert path.read_bytes() == before and temp_files(tmp_path) == []
+
+
+def refuse_hard_link(source, target):
+    raise PermissionError(errno.EPERM, 'Operation not permitted', target)
+
+
+@pytest.mark.parametrize('hard_links', [True, False])
+def test_a_slide_written_without_replacing_keeps_the_first_copy(tmp_path, monkeypatch, hard_links):
+    if not hard_links:          # as on FAT or some SMB mounts
+        monkeypatch.setattr(os, 'link', refuse_hard_link)
+    path = str(tmp_path / 'slide.tif')
+    wsi.write_pyramidal_tiff(path, slide_image(512, 384, [(100, 100, 300, 300)]), replace=False)
+    first = open(path, 'rb').read()
+    wsi.write_pyramidal_tiff(path, slide_image(512, 384, [(200, 50, 500, 350)]), replace=False)
+    assert open(path, 'rb').read() == first and temp_files(tmp_path) == []
+    with openslide.OpenSlide(path) as slide:
+        assert slide.dimensions == (512, 384)
+
+
+def test_nodes_creating_the_demo_slides_at_once_write_each_one_whole(tmp_path):
+    reference = wsi.create_demo_slides(str(tmp_path / 'alone'), slides=SMALL_DEMO_SLIDES, log=lambda message: None)
+    folder, go = tmp_path / 'shared', tmp_path / 'go'
+    nodes = start_nodes(2, 'demo', folder, json.dumps(SMALL_DEMO_SLIDES), go)
+    start_together(nodes, go)
+    sizes_seen = {name: set() for name in DEMO_NAMES}
+    while any(node.poll() is None for node in nodes):      # what a third node listing the folder would find
+        for name in DEMO_NAMES:
+            if os.path.exists(folder / name):
+                sizes_seen[name].add(os.path.getsize(folder / name))
+        time.sleep(0.001)
+    finish(nodes)
+
+    assert sorted(os.listdir(folder)) == DEMO_NAMES
+    for path in reference:
+        written = folder / os.path.basename(path)
+        assert written.read_bytes() == open(path, 'rb').read()
+        assert sizes_seen[written.name] <= {os.path.getsize(path)}, 'a half-written slide was visible'
+        with openslide.OpenSlide(str(written)) as slide:
+            assert slide.level_count >= 2
+
+
+def test_a_folder_with_some_demo_slides_and_nothing_else_gets_the_missing_ones(tmp_path, mask_cache, capsys):
+    folder = tmp_path / 'demo-wsi'
+    folder.mkdir()
+    present = write_slide(folder / 'demo-aperio-small.svs', width=1024, height=768)
+    present_stat = os.stat(present)
+    wsi_set = dataset.WSIDataset(str(folder), wsi_ext=['.svs', '.tif'], resolution=32, downsample=8,
+                                 create_demo=True, mask_cache_dir=mask_cache, num_threads=1)
+    wsi_set.close()
+    assert f'Creating demo slides in "{folder}"' in capsys.readouterr().out
+    assert sorted(os.listdir(folder)) == DEMO_NAMES
+    assert len(wsi_set.sampler.slide_paths) == 3
+    assert os.stat(present).st_ino == present_stat.st_ino and os.stat(present).st_mtime_ns == present_stat.st_mtime_ns
+    for name, width, height, *_ in wsi.DEMO_SLIDES:
+        if name != 'demo-aperio-small.svs':
+            with openslide.OpenSlide(str(folder / name)) as slide:
+                assert slide.dimensions == (width, height)
+
+    dataset.WSIDataset(str(folder), wsi_ext=['.svs', '.tif'], resolution=32, downsample=8, create_demo=True,
+                       mask_cache_dir=mask_cache, num_threads=1).close()
+    assert 'Creating demo slides' not in capsys.readouterr().out
+
+
+def test_demo_slides_are_wanted_only_where_no_other_slides_are(tmp_path):
+    folder = tmp_path / 'slides'
+    assert wsi.demo_slides_wanted(str(folder))                  # not there yet
+    folder.mkdir()
+    assert wsi.demo_slides_wanted(str(folder), ['.svs', '.tif'])
+    (folder / 'demo-generic.tif').write_bytes(b'')
+    assert wsi.demo_slides_wanted(str(folder), ['.svs', '.tif'])
+    for name in DEMO_NAMES:
+        (folder / name).write_bytes(b'')
+    assert not wsi.demo_slides_wanted(str(folder), ['.svs', '.tif'])
+    os.remove(folder / 'demo-aperio-large.svs')
+    (folder / 'mine.tif').write_bytes(b'')
+    assert not wsi.demo_slides_wanted(str(folder), ['.svs', '.tif'])
+    assert wsi.demo_slides_wanted(str(folder), '.svs')           # mine.tif is no slide of this dataset
+    (folder / 'sub').mkdir()
+    (folder / 'sub' / 'mine.svs').write_bytes(b'')
+    assert wsi.demo_slides_wanted(str(folder), '.svs', recursive=False)
+    assert not wsi.demo_slides_wanted(str(folder), '.svs', recursive=True)
