@@ -48,7 +48,7 @@ class NetworkLatencyFile:
 
 
 @contextlib.contextmanager
-def writes_over_a_network(module, latency=0.02):
+def writes_over_a_network(module, latency=0.05):
     """Files module opens for writing are NetworkLatencyFiles."""
     def network_open(file, mode='r', *args, **kwargs):
         opened = open(file, mode, *args, **kwargs)
@@ -66,25 +66,24 @@ def wait_for(go):
         time.sleep(0.001)
 
 
-def mask_node(cache_dir, expected_file, go, seconds):
-    """Rebuild and read back the cached masks of the slides in expected_file for `seconds`;
-    prints when it ran and how many rounds."""
+def mask_node(cache_dir, expected_file, go, rounds):
+    """`rounds` rounds over the slides in expected_file: every other round rebuilds their cached
+    masks, the rounds between read them back (this node's or another's); prints when it ran."""
     with np.load(expected_file) as saved:
         expected = dict(zip(saved['paths'], saved['masks']))
     handles = {path: openslide.OpenSlide(path) for path in expected}
     wait_for(go)
-    start, rounds = time.time(), 0
+    start = time.time()
     with writes_over_a_network(wsi):
-        while time.time() - start < float(seconds):
+        for round_ in range(int(rounds)):
             for path, mask in expected.items():
-                if rounds % 2 == 0:     # rebuild every other round; in between, read what the nodes cached
+                if round_ % 2 == 0:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(wsi.mask_cache_path(path, cache_dir))
                 got, warning = wsi.load_or_build_mask(handles[path], path, cache_dir)
                 assert warning is None, warning
-                assert np.array_equal(got, mask), f'round {rounds}: a wrong mask for {path}'
-            rounds += 1
-    print(json.dumps(dict(start=start, end=time.time(), rounds=rounds)))
+                assert np.array_equal(got, mask), f'round {round_}: a wrong mask for {path}'
+    print(json.dumps(dict(start=start, end=time.time())))
 
 
 def demo_node(folder, slides, go):
