@@ -319,7 +319,7 @@ class WSIDataset(Dataset):
                  rotate90=False,            # Rotate patches by random multiples of 90 degrees?
                  min_tissue_fraction=0.01,  # Slides with less tissue than this are skipped.
                  weight_by_tissue=False,    # Pick slides in proportion to their tissue area, not equally often?
-                 create_demo=False,         # Put the demo slides into the folder when it holds no slides.
+                 create_demo=False,         # Write the demo slides missing from the folder when it holds no other slides.
                  seed=None,
                  patch_um=None,             # Instead of downsample: micrometres a patch covers; each slide's MPP sets its downsample.
                  default_mpp=None,          # With patch_um: um/px assumed for slides that record no MPP (else they are left out).
@@ -330,9 +330,9 @@ class WSIDataset(Dataset):
                  stain_target=None):        # Image file of the target stain; None = a typical patch of the slides (saved in the run dir).
         import wsi
         check_max_label_size(max_label_size)
-        if create_demo and not (os.path.isdir(tfrecord_dir) and wsi.find_slides(tfrecord_dir, wsi_ext)):
+        if create_demo and wsi.demo_slides_wanted(tfrecord_dir, wsi_ext, recursive):
             print('Creating demo slides in "%s"...' % tfrecord_dir)
-            wsi.create_demo_slides(tfrecord_dir)
+            wsi.create_demo_slides(tfrecord_dir, keep_existing=True)
         if label_file is not None and not os.path.isfile(label_file):
             in_folder = os.path.join(tfrecord_dir, label_file)
             label_file = in_folder if os.path.isfile(in_folder) else label_file

@@ -10,6 +10,7 @@ covers the same field of view of `resolution * downsample` level-0 pixels.
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import ctypes
 import dataclasses
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import threading
+import uuid
 
 import cv2
 import numpy as np
@@ -177,18 +179,60 @@ def compute_tissue_mask(thumbnail_rgb):
     return cv2.erode(tissue.astype(np.uint8), kernel)
 
 
+@contextlib.contextmanager
+def atomic_output(path, replace=True):
+    """A binary file to write path's content into, such that path holds either nothing (or its
+    old file) or the complete new one, even with writers on several hosts of a shared file
+    system. The file is created exclusively under a random name beside path (PIDs and thread
+    idents repeat from host to host), synced, and renamed to path when the block ends; it is
+    removed when the block raises. replace=False keeps a file another writer put at path first
+    and drops this one: on NFS, replacing a file under a reader on another host breaks its reads."""
+    tmp = f'{path}.{uuid.uuid4().hex}.tmp'
+    f = open(tmp, 'xb')
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())    # so a crash just after the rename cannot leave an empty file
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_unless_present(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _publish_unless_present(tmp, path):
+    try:
+        os.link(tmp, path)          # fails when path exists, atomically, on NFS too
+    except FileExistsError:
+        pass
+    except OSError:                 # a file system without hard links (FAT, some SMB mounts)
+        if not os.path.exists(path):
+            os.replace(tmp, path)
+
+
 def write_png(path, image):
-    """PNG via a temporary name (atomic, never a truncated file; any path encoding)."""
+    """PNG written through atomic_output (any path encoding)."""
     ok, buf = cv2.imencode('.png', image)
-    tmp = f'{path}.{os.getpid()}.{threading.get_ident()}.tmp'
-    with open(tmp, 'wb') as f:
+    with atomic_output(path) as f:
         f.write(buf.tobytes())
-    os.replace(tmp, path)
 
 
 def read_png(path, flags=cv2.IMREAD_UNCHANGED):
     with open(path, 'rb') as f:
         return cv2.imdecode(np.frombuffer(f.read(), np.uint8), flags)
+
+
+def read_cached_mask(cache_path):
+    """The mask cached at cache_path, or None when there is none or it does not decode: gone
+    since it was listed (another node rebuilding it, or a stale NFS handle), empty, or cut
+    short (an older version could publish another host's half-written file)."""
+    try:
+        return read_png(cache_path, cv2.IMREAD_GRAYSCALE)
+    except (OSError, cv2.error):    # cv2.error: an empty file
+        return None
 
 
 def slide_thumbnail(handle, max_size, strip_pixels=1 << 24):
@@ -212,12 +256,12 @@ def slide_thumbnail(handle, max_size, strip_pixels=1 << 24):
 
 
 def load_or_build_mask(handle, slide_path, cache_dir):
-    """(mask, cache warning or None): from the cache when present, else computed and cached."""
+    """(mask, cache warning or None): from the cache when it holds a readable mask, else computed
+    and cached."""
     cache_path = mask_cache_path(slide_path, cache_dir)
-    if os.path.exists(cache_path):
-        mask = read_png(cache_path, cv2.IMREAD_GRAYSCALE)
-        if mask is not None:
-            return mask, None
+    mask = read_cached_mask(cache_path)
+    if mask is not None:
+        return mask, None
     thumbnail = slide_thumbnail(handle, MASK_MAX_SIZE)
     mask = compute_tissue_mask(thumbnail)
     try:
@@ -910,10 +954,11 @@ def _jpeg_tiles(rgb, tile, quality):
 
 
 def write_pyramidal_tiff(path, rgb, tile=256, aperio=False, mpp=0.25, app_mag=40, level_factor=2,
-                         quality=90, min_level_size=None):
+                         quality=90, min_level_size=None, replace=True):
     """Tiled JPEG pyramid OpenSlide opens: aperio=True writes an Aperio .svs-style description
     (vendor 'aperio', with MPP), otherwise a generic tiled TIFF. Levels shrink by level_factor
-    until the long side is <= min_level_size (default: the tile size)."""
+    until the long side is <= min_level_size (default: the tile size). Written through
+    atomic_output; replace=False keeps a slide already at path."""
     min_level_size = min_level_size or tile
     levels = [np.ascontiguousarray(rgb)]
     while max(levels[-1].shape[:2]) > min_level_size and min(levels[-1].shape[:2]) >= 2 * level_factor:
@@ -922,7 +967,7 @@ def write_pyramidal_tiff(path, rgb, tile=256, aperio=False, mpp=0.25, app_mag=40
     height, width = rgb.shape[:2]
     description = (f'Aperio Image Library v12.0.0\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) '
                    f'JPEG/RGB Q={quality}|AppMag = {app_mag}|MPP = {mpp}') if aperio else None
-    with tifffile.TiffWriter(path) as tif:
+    with atomic_output(path, replace) as f, tifffile.TiffWriter(f) as tif:
         for i, level in enumerate(levels):
             tif.write(_jpeg_tiles(level, tile, quality), shape=level.shape, dtype=np.uint8, tile=(tile, tile),
                       compression='jpeg', photometric='rgb', subfiletype=0 if i == 0 else 1,
@@ -966,15 +1011,30 @@ def _blob_field(width, height, rng, num_blobs):
     return ((field - 0.5) * 4 + 0.5).clip(0, 1)
 
 
-def create_demo_slides(out_dir, seed=1000, log=print):
-    """Write the demo slides (deterministic from seed) into out_dir; returns their paths."""
+def create_demo_slides(out_dir, seed=1000, log=print, keep_existing=False, slides=DEMO_SLIDES):
+    """Write the demo slides into out_dir; returns their paths. Their images come in turn from one
+    generator seeded with seed, so every writer writes the same bytes. keep_existing=True writes
+    only the ones missing and never replaces one: for nodes of a multi-node run sharing out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
-    for name, width, height, level_factor, num_blobs in DEMO_SLIDES:
+    for name, width, height, level_factor, num_blobs in slides:
         path = os.path.join(out_dir, name)
-        rgb = demo_tissue_image(width, height, rng, num_blobs)
-        write_pyramidal_tiff(path, rgb, aperio=name.endswith('.svs'), level_factor=level_factor)
-        log(f'Wrote {path} ({width}x{height})')
+        rgb = demo_tissue_image(width, height, rng, num_blobs)    # also when kept: later slides draw after it
+        if not (keep_existing and os.path.exists(path)):
+            write_pyramidal_tiff(path, rgb, aperio=name.endswith('.svs'), level_factor=level_factor,
+                                 replace=not keep_existing)
+            log(f'Wrote {path} ({width}x{height})')
         paths.append(path)
     return paths
+
+
+def demo_slides_wanted(folder, wsi_ext='.svs', recursive=False, slides=DEMO_SLIDES):
+    """Whether a dataset with create_demo should write demo slides into folder: it holds no slides
+    but demo slides and lacks some of them (none written yet, or another node still writing)."""
+    if not os.path.isdir(folder):
+        return True
+    names = [name for name, *_ in slides]
+    if any(os.path.relpath(path, folder) not in names for path in find_slides(folder, wsi_ext, recursive)):
+        return False
+    return not all(os.path.exists(os.path.join(folder, name)) for name in names)
