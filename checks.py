@@ -125,6 +125,9 @@ def validate_training_setup(resume_run_id=None, resume_snapshot=None, cfg=None, 
     check_label_file(dataset_kwargs, getattr(cfg, 'data_dir', None))
     if dataset_kwargs.get('resolution') is None and 'tfrecord_dir' in dataset_kwargs:
         dataset_kwargs['resolution'] = tfrecord_resolution(os.path.join(getattr(cfg, 'data_dir', None) or '', dataset_kwargs['tfrecord_dir']))
+    if report:
+        warn_about_one_image_per_gpu(sched_kwargs, dict(getattr(cfg, 'D', {})), dataset_kwargs.get('resolution'),
+                                     num_gpus * nodes)
     if not is_chief():
         return      # Only the chief writes; it also tidies and checks the space.
     remove_stale_partial_files(resume_run_id, resume_snapshot)
@@ -220,6 +223,23 @@ def check_minibatch_sizes(sched_kwargs, num_gpus, nodes=1):
     if bad:
         raise ConfigError('Minibatch sizes must be multiples of %s (each GPU gets an equal share): %s' % (
             device_text, ', '.join(bad)))
+
+
+def warn_about_one_image_per_gpu(sched_kwargs, D_kwargs, resolution, devices):
+    """D compares the standard deviation over groups of images within each GPU's share; a share of
+    one image gives it nothing to compare (the feature is 0). Legal, but worth a line."""
+    if resolution is None or D_kwargs.get('mbstd_group_size', 4) <= 1:
+        return
+    caps = sched_kwargs.get('max_minibatch_per_gpu', {})
+    lonely = []
+    for res in (2 ** k for k in range(2, int(np.log2(resolution)) + 1)):
+        size = sched_kwargs.get('minibatch_dict', {}).get(res, sched_kwargs.get('minibatch_base', 16))
+        share = min(size // devices, caps.get(res, size))
+        if share == 1:
+            lonely.append(res)
+    if lonely:
+        print('Warning: at resolution %s each of the %d GPUs gets one image per step, so D\'s minibatch-stddev '
+              'feature is 0 there; larger minibatches or fewer GPUs keep it' % (', '.join(map(str, lonely)), devices))
 
 
 def check_gpus(num_gpus, available):

@@ -18,27 +18,11 @@ import cluster
 import config
 import tfutil
 import train
-from tf_compat import tf
-from tiny_nets import random_draws
+from tiny_nets import FixedMinibatch, random_draws
 
 NET_KWARGS = dict(num_channels=3, resolution=8, label_size=0, fmap_base=32, fmap_max=16)
 LATENT, LOD, LRATE, G_SMOOTHING = 16, 0.5, 0.002, 0.9
 DRAW_NAMES = ('G_latents', 'D_latents', 'mixing')    # In the order each tower makes them.
-
-
-class FixedMinibatch:
-    """A training set that always gives the same reals, without labels."""
-
-    def __init__(self, reals):
-        self.reals = reals
-        self.dynamic_range = [0, 255]
-        self.label_size = 0
-
-    def get_minibatch_tf(self):
-        return tf.constant(self.reals), tf.zeros([len(self.reals), 0])
-
-    def get_random_labels_tf(self, minibatch_size):
-        return tf.zeros([minibatch_size, 0])
 
 
 def configure(devices, fp16):

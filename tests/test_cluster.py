@@ -73,6 +73,29 @@ def test_minibatches_are_split_over_all_gpus_of_all_nodes(tmp_path, monkeypatch)
         checks.check_minibatch_sizes({'minibatch_base': 8}, 2, checks.cluster_nodes())
     assert not checks.is_chief()
 
+
+def test_a_share_of_one_image_per_gpu_is_pointed_out(capsys):
+    import checks
+    sched = {'minibatch_base': 32, 'minibatch_dict': {4: 64}, 'max_minibatch_per_gpu': {256: 16, 512: 1}}
+    checks.warn_about_one_image_per_gpu(sched, {}, 1024, 32)     # 4 nodes of 8 GPUs
+    said = capsys.readouterr().out
+    assert 'at resolution 8, 16, 32, 64, 128, 256, 512, 1024 each of the 32 GPUs gets one image' in said
+    checks.warn_about_one_image_per_gpu(sched, {}, 1024, 8)
+    assert 'at resolution 512 each of the 8 GPUs' in capsys.readouterr().out    # capped to one at 512 only
+    checks.warn_about_one_image_per_gpu(sched, {'mbstd_group_size': 0}, 1024, 32)
+    checks.warn_about_one_image_per_gpu({'minibatch_base': 64}, {}, 1024, 32)
+    assert capsys.readouterr().out == ''
+
+def test_a_utility_script_with_tf_config_set_is_refused_before_tensorflow_loads(tmp_path):
+    cfg = write_config(tmp_path / 'run.py', str(tmp_path / 'results'), dict(class_name='dataset.SyntheticDataset'),
+                       train=dict(func='util_scripts.generate_fake_images', run_id=0))
+    env = dict(ENV, TF_CONFIG=tf_config(['127.0.0.1:1', '127.0.0.1:2'], 1))
+    result = subprocess.run([sys.executable, 'train.py', cfg], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert 'TF_CONFIG describes 2 nodes, but util_scripts.generate_fake_images runs on one machine' in result.stderr
+    assert 'tensorflow' not in (result.stdout + result.stderr).lower().replace('tf_config', '')
+
 # ----------------------------------------------------------------------------
 # Two nodes with one device each step like one process with two devices.
 

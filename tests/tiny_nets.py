@@ -1,5 +1,5 @@
 """Tiny dense networks with the call signatures of G_paper and D_paper, small enough to mirror in
-numpy, and a way to pin the random draws a graph makes. tfutil.Network imports a build function
+numpy, a way to pin the random draws a graph makes, and a training set of fixed reals. tfutil.Network imports a build function
 by module and name, hence a module of their own.
 
 Both networks work on flat NCHW images of num_channels x resolution x resolution:
@@ -52,3 +52,18 @@ def random_draws(build):
     draws = [op for op in graph.get_operations() if op.name not in known and op.type in RANDOM_OP_TYPES
              and '/Initializer/' not in op.name]     # new networks' variables start random too
     return result, [graph.get_tensor_by_name(op.name.rsplit('/', 1)[0] + ':0') for op in draws]
+
+
+class FixedMinibatch:
+    """A training set that always gives the same reals, without labels."""
+
+    def __init__(self, reals):
+        self.reals = reals
+        self.dynamic_range = [0, 255]
+        self.label_size = 0
+
+    def get_minibatch_tf(self):
+        return tf.constant(self.reals), tf.zeros([len(self.reals), 0])
+
+    def get_random_labels_tf(self, minibatch_size):
+        return tf.zeros([minibatch_size, 0])
