@@ -4,12 +4,14 @@ the price of running between-graph instead of in-graph, and where it goes.
 
     python bench/cluster_speed.py [--resolution 32] [--minibatch 16] [--steps 40]
 
-Each setup runs the real train.build_training_graph on fixed random reals at LOD 0 (the networks of
-the cpu-demo preset), times `--steps` D+G step pairs after a warm-up, and the nodes also time the
-packed all-reduce of D's gradients on its own. Every process gets one intra-op thread per device,
-so the two setups use the same two cores. On one machine the "network" is the loopback device:
-the figures show the fixed costs of the distributed runtime (gRPC, the step's rendezvous, packing),
-not a real link; README "Training on several machines" estimates the link a cluster needs.
+Each setup runs the real train.build_training_graph on synthetic reals (zeros: no data loading in
+the figures) at LOD 0 with the networks of the cpu-demo preset and times `--steps` D+G step pairs
+after a warm-up; the nodes also time the collectives of a step on their own. Every process runs
+each op on one thread, two ops at a time, so both setups keep the same two cores busy.
+
+On one machine the "network" is the loopback device: the figures show the fixed costs of the
+distributed runtime (gRPC, the step's rendezvous, packing), not a real link; README "Training on
+several machines" estimates the link a cluster needs.
 """
 
 import argparse
@@ -26,27 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cluster  # noqa: E402
 import config  # noqa: E402
+import dataset  # noqa: E402
 import tfutil  # noqa: E402
 import train  # noqa: E402
 from tf_compat import tf  # noqa: E402
 
 NETS = dict(fmap_base=256, fmap_max=64)
 WARMUP = 5
-
-
-class FixedReals:
-    """The same random reals every step, without labels (no data loading in the figures)."""
-
-    def __init__(self, count, resolution):
-        self.reals = np.random.default_rng(0).integers(0, 256, [count, 3, resolution, resolution]).astype(np.uint8)
-        self.dynamic_range = [0, 255]
-        self.label_size = 0
-
-    def get_minibatch_tf(self):
-        return tf.constant(self.reals), tf.zeros([len(self.reals), 0])
-
-    def get_random_labels_tf(self, minibatch_size):
-        return tf.zeros([minibatch_size, 0])
 
 
 def measure(args, devices, node):
@@ -60,8 +48,10 @@ def measure(args, devices, node):
     D = tfutil.Network('D', func='networks.D_paper', **kwargs)
     Gs = G.clone('Gs')
     share = args.minibatch // node.count
-    graph = train.build_training_graph(G, D, Gs, FixedReals(share, args.resolution), devices, node=node)
+    training_set = dataset.SyntheticDataset(resolution=args.resolution, num_channels=3)
+    graph = train.build_training_graph(G, D, Gs, training_set, devices, node=node)
     tfutil.init_uninited_vars()
+    training_set.configure(share, 0)
     node.broadcast_from_chief(train.trained_variables(G, D, Gs, graph))
     feed = {graph.lod_in: 0.0, graph.lrate_in: 0.001, graph.minibatch_in: share, graph.signal_in: 0}
     D_step, G_step = [graph.D_train_op, graph.Gs_update_op, graph.D_report], [graph.G_train_op, graph.G_report]

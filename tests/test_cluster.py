@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import cluster
+import misc
 import tfutil
 from survival_helpers import log_text, resumed_from, snapshots, wait_for
 from tf_compat import tf
@@ -72,6 +73,27 @@ def test_minibatches_are_split_over_all_gpus_of_all_nodes(tmp_path, monkeypatch)
     with pytest.raises(checks.ConfigError, match=r'num_gpus x nodes = 2 x 3 = 6.*minibatch_base = 8'):
         checks.check_minibatch_sizes({'minibatch_base': 8}, 2, checks.cluster_nodes())
     assert not checks.is_chief()
+
+
+def test_each_node_samples_its_own_patches_from_a_fixed_dataset_seed(tmp_path, monkeypatch, mask_cache):
+    import config
+    import train
+    import wsi
+    from conftest import write_slide
+    os.makedirs(tmp_path / 'slides')
+    write_slide(str(tmp_path / 'slides' / 'a.svs'))
+    monkeypatch.setattr(config, 'dataset', dict(tfrecord_dir='slides', seed=5))
+
+    def patches(node):
+        seed = train._dataset_kwargs(node)['seed']
+        with wsi.PatchSampler(str(tmp_path / 'slides'), resolution=16, downsample=4, seed=seed, num_threads=1,
+                              mask_cache_dir=mask_cache, log=lambda message: None) as sampler:
+            return sampler.sample(0, 8)[0]
+
+    chief, other = (cluster.Node(['127.0.0.1:1', '127.0.0.1:2'], index) for index in (0, 1))
+    assert np.array_equal(patches(chief), patches(chief))     # each node's stream repeats,
+    assert not np.array_equal(patches(chief), patches(other))     # but differs from the other node's
+    assert train._dataset_kwargs(cluster.LocalNode())['seed'] == 5     # one machine: the seed as configured
 
 
 def test_a_share_of_one_image_per_gpu_is_pointed_out(capsys):
@@ -216,8 +238,12 @@ def test_two_node_run_trains_through_two_lods_and_only_the_chief_writes(data8, t
     [run_dir] = run_dirs(results)      # One run: the other node made no folder of its own.
     assert os.path.isfile(os.path.join(run_dir, '_training-done.txt'))
     chief_log = log_text(run_dir)
-    lods = [float(line.split()[5]) for line in chief_log.splitlines() if line.startswith('tick ')]
+    chief_ticks = [(tick.kimg, tick.lod, tick.minibatch) for tick in misc.read_tick_lines(run_dir)]
+    lods = [lod for _, lod, _ in chief_ticks]
     assert lods[0] == 1.0 and lods[-1] == 0.0 and any(0 < lod < 1 for lod in lods), lods
+    worker_ticks = [(tick.kimg, tick.lod, tick.minibatch) for tick in map(misc.parse_tick_line, read(logs[1]).splitlines())
+                    if tick is not None]
+    assert worker_ticks == chief_ticks      # The same schedule on both nodes, tick by tick.
     assert chief_log.count('sec/kimg by node: node 0') == len(lods)     # The other node's speed, every tick.
     assert 'Training done on node 1' not in chief_log     # The worker's own output stays on its console.
     worker = read(logs[1])
