@@ -120,7 +120,8 @@ def validate_training_setup(resume_run_id=None, resume_snapshot=None, cfg=None, 
     check_names(cfg)
     check_gpus(num_gpus, gpu_counter())
     check_resume(resume_run_id, resume_snapshot)
-    check_result_dir(cfg.result_dir)
+    if is_chief():
+        check_result_dir(cfg.result_dir)    # The only node that writes there.
     check_dataset(dataset_kwargs, getattr(cfg, 'data_dir', None))
     check_label_file(dataset_kwargs, getattr(cfg, 'data_dir', None))
     if dataset_kwargs.get('resolution') is None and 'tfrecord_dir' in dataset_kwargs:

@@ -126,7 +126,6 @@ class LocalNode:
     count = 1
     index = 0
     is_chief = True
-    timeout = None
 
     def describe(self, index=None):
         return 'this machine'
@@ -260,6 +259,7 @@ class Node(LocalNode):
         unreachable = self._unreachable_nodes()
         if unreachable:
             lost = '; '.join('%s cannot be reached (%s)' % (self.describe(index), reason) for index, reason in unreachable)
+            lost = lost[0].upper() + lost[1:]
         else:
             lost = 'Every other node still accepts connections, so one of them is stuck or much slower'
         return ('Training stopped on %s: %s during %s. %s. Once every node is back, start the same command on all '

@@ -162,10 +162,9 @@ def finish(proc, timeout=300):
 @pytest.mark.slow
 @pytest.mark.parametrize('fp16', [False, True], ids=['fp32', 'fp16'])
 def test_two_nodes_step_like_one_process_with_two_devices(start, tmp_path, fp16):
-    single = run_steps(start, str(tmp_path / 'single.npz'), 2, fp16)
-    finish(single)
     nodes = addresses(2)
-    procs = [run_steps(start, str(tmp_path / ('node%d.npz' % i)), 1, fp16, nodes, i) for i in range(2)]
+    procs = [run_steps(start, str(tmp_path / 'single.npz'), 2, fp16)]
+    procs += [run_steps(start, str(tmp_path / ('node%d.npz' % i)), 1, fp16, nodes, i) for i in range(2)]
     for proc in procs:
         finish(proc)
     one = dict(np.load(tmp_path / 'single.npz'))
@@ -253,12 +252,11 @@ def test_two_node_run_trains_through_two_lods_and_only_the_chief_writes(data8, t
     assert load_in_fresh_process(os.path.join(run_dir, 'network-final.pkl')) == ['(2,', '3,', '8,', '8)']
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('victim', [1, 0], ids=['worker-killed', 'chief-killed'])
-def test_a_killed_node_stops_the_other_which_names_it_and_both_resume(data8, tmp_path, victim):
-    timeout = 20
+def kill_mid_run(data8, tmp_path, victim, timeout=20):
+    """Two nodes train; after the chief's first snapshot `victim` is killed. Checks that the other
+    stops, non-zero, in bounded time, naming the victim; returns (config, results dir)."""
     results = str(tmp_path / 'results')
-    cfg = write_cluster_config(tmp_path, data8, results, timeout=timeout, total_kimg=2.5)
+    cfg = write_cluster_config(tmp_path, data8, results, timeout=timeout, total_kimg=1.0)
     procs, logs, nodes = start_nodes(cfg, tmp_path, 'first')
     survivor = procs[1 - victim]
     try:
@@ -267,6 +265,7 @@ def test_a_killed_node_stops_the_other_which_names_it_and_both_resume(data8, tmp
         killed_at = time.time()
         survivor.wait(timeout=120)
         stopped_after = time.time() - killed_at
+        print('node %d stopped %.1f s after node %d was killed' % (1 - victim, stopped_after, victim))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -275,7 +274,36 @@ def test_a_killed_node_stops_the_other_which_names_it_and_both_resume(data8, tmp
     said = read(logs[1 - victim])
     assert survivor.returncode not in (0, None), said[-3000:]
     assert stopped_after < timeout + 20, (stopped_after, said[-3000:])
-    assert 'node %d' % victim in said and nodes[victim] in said and 'cannot be reached' in said, said[-3000:]
+    assert re.search(r'Node %d[^.]* \(%s\) cannot be reached' % (victim, re.escape(nodes[victim])), said), said[-3000:]
+    return cfg, results
+
+
+@pytest.mark.slow
+def test_a_node_whose_chief_never_starts_gives_up_after_the_startup_timeout(data8, tmp_path):
+    cfg = write_cluster_config(tmp_path, data8, str(tmp_path / 'results'), timeout=5)
+    with open(cfg, 'at') as file:
+        file.write('cluster.startup_timeout = 5\n')
+    nodes = addresses(2)
+    env = dict(ENV, TF_CONFIG=tf_config(nodes, 1))
+    started = time.time()
+    result = subprocess.run([sys.executable, 'train.py', cfg], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    said = result.stdout + result.stderr
+    waited = time.time() - started
+    print('node 1 gave up %.1f s after it started' % waited)
+    assert result.returncode != 0 and waited < 120, said[-3000:]
+    assert re.search(r'Node 0, the chief \(%s\) cannot be reached' % re.escape(nodes[0]), said), said[-3000:]
+    assert 'during start-up' in said and not os.path.exists(tmp_path / 'results')
+
+
+@pytest.mark.slow
+def test_a_killed_chief_stops_the_other_node_which_names_it(data8, tmp_path):
+    kill_mid_run(data8, tmp_path, victim=0)
+
+
+@pytest.mark.slow
+def test_a_killed_node_stops_the_chief_which_names_it_and_both_resume(data8, tmp_path):
+    cfg, results = kill_mid_run(data8, tmp_path, victim=1)
     [first_run] = run_dirs(results)
     newest = snapshots(first_run)[-1]
 
