@@ -231,12 +231,10 @@ def warn_about_one_image_per_gpu(sched_kwargs, D_kwargs, resolution, devices):
     one image gives it nothing to compare (the feature is 0). Legal, but worth a line."""
     if resolution is None or D_kwargs.get('mbstd_group_size', 4) <= 1:
         return
-    caps = sched_kwargs.get('max_minibatch_per_gpu', {})
     lonely = []
     for res in (2 ** k for k in range(2, int(np.log2(resolution)) + 1)):
-        size = sched_kwargs.get('minibatch_dict', {}).get(res, sched_kwargs.get('minibatch_base', 16))
-        share = min(size // devices, caps.get(res, size))
-        if share == 1:
+        wanted = sched_kwargs.get('minibatch_dict', {}).get(res, sched_kwargs.get('minibatch_base', 16))
+        if misc.minibatch_size(wanted, devices, sched_kwargs.get('max_minibatch_per_gpu', {}).get(res)) == devices:
             lonely.append(res)
     if lonely:
         print('Warning: at resolution %s each of the %d GPUs gets one image per step, so D\'s minibatch-stddev '

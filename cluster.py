@@ -171,7 +171,8 @@ class Node(LocalNode):
         self.startup_timeout = float(startup_timeout)
         self.server = None
         self._next_instance_key = 1
-        self._tick_ops = {}
+        self._gather_ops = {}   # number of values => (placeholder, summed)
+        self._watchdog = _Watchdog(self._give_up)
 
     def describe(self, index=None):
         index = self.index if index is None else index
@@ -227,7 +228,7 @@ class Node(LocalNode):
         import tfutil
         from tf_compat import tf
         timeout = timeout or self.timeout
-        with self._watchdog(timeout + _WATCHDOG_GRACE, what):
+        with self._watchdog.guard(timeout + _WATCHDOG_GRACE, what):
             try:
                 return tfutil.run(fetches, feed_dict)
             except tf.errors.DeadlineExceededError as error:
@@ -235,16 +236,6 @@ class Node(LocalNode):
                                                        what)) from error
             except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError) as error:
                 raise NodeLost(self.lost_nodes_message('the connection to another node broke', what)) from error
-
-    @contextlib.contextmanager
-    def _watchdog(self, seconds, what):
-        timer = threading.Timer(seconds, self._give_up, args=(what, seconds))
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.cancel()
 
     def _give_up(self, what, seconds):
         """The watchdog fired: the main thread is stuck inside TensorFlow. Say why, then exit at once
@@ -322,28 +313,53 @@ class Node(LocalNode):
 
     # Tick boundaries.
 
-    def gather(self, values):
+    def gather(self, values, what='the end of a tick'):
         """Every node's `values` (a list of numbers of the same length on every node): a
         [nodes, len(values)] array, row i from node i."""
         from tf_compat import tf
-        op = self._tick_ops.get(('gather', len(values)))
-        if op is None:
+        if len(values) not in self._gather_ops:
             with tf.name_scope('GatherFromNodes'):
                 rows = tf.placeholder(tf.float32, [self.count, len(values)])
-                op = self._tick_ops[('gather', len(values))] = (rows, self.all_reduce_sum([rows])[0])
-        rows, summed = op
+                self._gather_ops[len(values)] = rows, self.all_reduce_sum([rows])[0]
+        rows, summed = self._gather_ops[len(values)]
         mine = np.zeros([self.count, len(values)], np.float32)
         mine[self.index] = values
-        return self.run(summed, {rows: mine}, what='the end of a tick').astype(np.float64)
+        return self.run(summed, {rows: mine}, what=what).astype(np.float64)
 
     def barrier(self, what):
-        """Wait until every node gets here (e.g. while the chief writes a snapshot)."""
-        from tf_compat import tf
-        op = self._tick_ops.get('barrier')
-        if op is None:
-            with tf.name_scope('Barrier'):
-                op = self._tick_ops['barrier'] = self.all_reduce_sum([tf.constant([1.0])])[0]
-        self.run(op, what=what)
+        """Wait until every node gets here (e.g. while the chief writes a snapshot): any collective
+        returns only once all nodes have joined it."""
+        self.gather([0.0], what)
+
+
+class _Watchdog:
+    """One thread that calls fire(what, seconds) when a guarded block outlasts its deadline: the
+    steps' hot path only sets and clears the deadline."""
+
+    def __init__(self, fire):
+        self._fire = fire
+        self._changed = threading.Condition()
+        self._armed = None      # (deadline, what, seconds) while a block is guarded
+        threading.Thread(target=self._watch, name='cluster-watchdog', daemon=True).start()
+
+    @contextlib.contextmanager
+    def guard(self, seconds, what):
+        with self._changed:
+            self._armed = (time.monotonic() + seconds, what, seconds)
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._armed = None
+
+    def _watch(self):
+        while True:
+            with self._changed:
+                while self._armed is None or self._armed[0] > time.monotonic():
+                    self._changed.wait(None if self._armed is None else self._armed[0] - time.monotonic())
+                _, what, seconds = self._armed
+            self._fire(what, seconds)       # Outside the lock: it probes the other nodes, then exits.
 
 
 class NodeLost(RuntimeError):

@@ -470,8 +470,8 @@ def read_tick_lines(result_subdir):
 
 
 # ----------------------------------------------------------------------------
-# The schedule's LOD, for train.TrainingSchedule and for the pre-flight disk check (which counts
-# a run's ticks before TensorFlow loads).
+# The schedule's LOD and minibatch, for train.TrainingSchedule and for the pre-flight checks
+# (which count a run's ticks and GPU shares before TensorFlow loads).
 
 
 def lod_at(kimg, resolution_log2, initial_resolution, stable_kimg, fade_kimg):
@@ -484,6 +484,12 @@ def lod_at(kimg, resolution_log2, initial_resolution, stable_kimg, fade_kimg):
     if fade_kimg > 0:
         lod -= max(kimg_into_phase - stable_kimg, 0.0) / fade_kimg
     return max(lod, 0.0)
+
+
+def minibatch_size(wanted, num_gpus, max_per_gpu):
+    """`wanted` rounded down to equal shares per GPU, capped at max_per_gpu per GPU if given."""
+    size = wanted - wanted % num_gpus
+    return size if max_per_gpu is None else min(size, max_per_gpu * num_gpus)
 
 
 # ----------------------------------------------------------------------------

@@ -113,17 +113,11 @@ class TrainingSchedule:
         def at_this_resolution(overrides, default):
             return overrides.get(self.resolution, default)
 
-        self.minibatch = _minibatch_size(at_this_resolution(minibatch_dict, minibatch_base), num_gpus,
-                                         max_minibatch_per_gpu.get(self.resolution))
+        self.minibatch = misc.minibatch_size(at_this_resolution(minibatch_dict, minibatch_base), num_gpus,
+                                             max_minibatch_per_gpu.get(self.resolution))
         self.G_lrate = at_this_resolution(G_lrate_dict, G_lrate_base)
         self.D_lrate = at_this_resolution(D_lrate_dict, D_lrate_base)
         self.tick_kimg = at_this_resolution(tick_kimg_dict, tick_kimg_base)
-
-
-def _minibatch_size(wanted, num_gpus, max_per_gpu):
-    """`wanted` rounded down to equal shares per GPU, capped at max_per_gpu per GPU if given."""
-    size = wanted - wanted % num_gpus
-    return size if max_per_gpu is None else min(size, max_per_gpu * num_gpus)
 
 # ----------------------------------------------------------------------------
 # The snapshot grid: the same latents every time, so fakesNNNNNN.png show progress.
@@ -612,8 +606,7 @@ def session_config(tf_config, num_gpus):
 
 def start_tensorflow(node):
     """The default session: in this process, or on this node's TensorFlow server in a multi-node
-    run. Seeds numpy (before TF: its graph seed is drawn from numpy) with the node's seed."""
-    np.random.seed(node.seed(config.random_seed))
+    run. init_tf seeds numpy, and TF's graph seed from it, with the node's seed."""
     fields = dict(session_config(config.tf_config, config.num_gpus), **node.session_fields())
     target = node.start_server(tfutil.config_proto(fields))
     tfutil.init_tf(fields, target=target, random_seed=node.seed(config.random_seed))
