@@ -297,7 +297,7 @@ class SyntheticDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------
-# Whole-slide images: random tissue patches streamed from a folder of slides (wsi.PatchSampler).
+# Whole-slide images: random tissue patches streamed from a folder of slides (patch_sampler.PatchSampler).
 
 
 class WSIDataset(Dataset):
@@ -312,7 +312,7 @@ class WSIDataset(Dataset):
                  shuffle_mb=0,              # Unused: patches come in random order anyway.
                  prefetch_mb=64,            # Megabytes of patches read ahead of training (at most 8 minibatches).
                  buffer_mb=0,               # Unused (accepted for old configs).
-                 num_threads=None,          # Threads reading patches; None = as many as cores.
+                 num_threads=None,          # Former name of num_readers.
                  recursive=False,           # Search subfolders for slides too?
                  mask_cache_dir=None,       # Folder caching tissue masks; None = the user cache.
                  augment=0.0,               # Chance per patch of colour and warp augmentation (done in the graph).
@@ -327,7 +327,9 @@ class WSIDataset(Dataset):
                  roi_labels=None,           # Only regions of these classes (list of names); None = every region.
                  roi_missing='leave_out',   # A slide without annotation file: 'leave_out', or 'tissue' to sample its whole tissue.
                  stain_norm=None,           # None, 'reinhard' or 'macenko': normalise each slide's stain to the target.
-                 stain_target=None):        # Image file of the target stain; None = a typical patch of the slides (saved in the run dir).
+                 stain_target=None,         # Image file of the target stain; None = a typical patch of the slides (saved in the run dir).
+                 num_readers=None):         # Processes reading patches; None = one per core, 0 = in the trainer's process.
+        import patch_sampler
         import wsi
         check_max_label_size(max_label_size)
         if create_demo and wsi.demo_slides_wanted(tfrecord_dir, wsi_ext, recursive):
@@ -336,11 +338,11 @@ class WSIDataset(Dataset):
         if label_file is not None and not os.path.isfile(label_file):
             in_folder = os.path.join(tfrecord_dir, label_file)
             label_file = in_folder if os.path.isfile(in_folder) else label_file
-        self.sampler = wsi.PatchSampler(
+        self.sampler = patch_sampler.PatchSampler(
             tfrecord_dir, wsi_ext=wsi_ext, resolution=resolution, downsample=downsample, label_file=label_file,
             max_label_size=max_label_size, recursive=recursive, mask_cache_dir=mask_cache_dir, rotate90=rotate90,
             min_tissue_fraction=min_tissue_fraction, weight_by_tissue=weight_by_tissue,
-            num_threads=num_threads, seed=seed, patch_um=patch_um, default_mpp=default_mpp, roi_dir=roi_dir,
+            num_readers=num_readers, num_threads=num_threads, seed=seed, patch_um=patch_um, default_mpp=default_mpp, roi_dir=roi_dir,
             roi_labels=roi_labels, roi_missing=roi_missing, stain_norm=stain_norm, stain_target=stain_target)
         self.tfrecord_dir = tfrecord_dir
         self.resolution = resolution

@@ -37,6 +37,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+import patch_sampler
 import wsi
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
@@ -174,7 +175,7 @@ def create_from_slides(tfrecord_dir, slide_dir, resolution=512, downsample=4, nu
                        seed=123, chunk=256):
     """A fixed, reproducible set of random tissue patches pre-extracted from slides (the same
     sampler WSIDataset uses at LOD 0), with one-hot slide labels when label_file is given."""
-    with wsi.PatchSampler(slide_dir, wsi_ext=wsi_ext, resolution=resolution, downsample=downsample,
+    with patch_sampler.PatchSampler(slide_dir, wsi_ext=wsi_ext, resolution=resolution, downsample=downsample,
                           label_file=label_file, max_label_size='full' if label_file else 0,
                           recursive=recursive, mask_cache_dir=mask_cache_dir, seed=seed) as sampler:
         classes = []
@@ -539,7 +540,7 @@ def format_slide_info(info, slide_dir, resolution=None):
         microns = f' = {info.field_of_view * info.mpp:g} um' if info.mpp else ''
         lines.append(f'  patches: downsample {info.field_of_view / resolution:g}, field of view '
                      f'{info.field_of_view:g} px{microns}')
-    if info.tissue_index is not None:
+    if info.tissue is not None:
         lines.append(f'  tissue: {info.tissue_fraction:.1%} of the slide')
     lines.append('  usable' if info.problem is None else f'  NOT usable: {info.problem}')
     if info.warning:

@@ -1,19 +1,15 @@
-"""Whole-slide images: opening slides, tissue masks and their cache, the random tissue-patch
-sampler (with optional 90-degree rotations), slide labels, and the demo-slide maker. No
-TensorFlow here: dataset.WSIDataset feeds PatchSampler's minibatches to the graph, and its
-colour and warp augmentation runs in the graph (augment.py), off the reader threads.
-
-Geometry: at LOD k a patch is `resolution >> k` pixels read at `downsample << k`, so every LOD
-covers the same field of view of `resolution * downsample` level-0 pixels.
+"""Whole-slide images: finding slides, slide labels, tissue masks and their cache, inspection,
+annotated regions, reading patches, and the demo-slide maker. No TensorFlow here; the sampler
+that reads random tissue patches in reader processes is patch_sampler.py.
 """
 
 import bisect
 import collections
-import concurrent.futures
 import contextlib
 import csv
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -26,9 +22,8 @@ import numpy as np
 import openslide
 import openslide.lowlevel
 import tifffile
-from tqdm import tqdm
 
-import stain
+import worker_pool
 
 MASK_MAX_SIZE = 2000          # long side of the thumbnail a tissue mask is computed on
 MASK_BLUR_SIGMA = 2.0         # thumbnail pixels
@@ -41,7 +36,6 @@ MAX_CONSECUTIVE_FAILURES = 5  # failed reads in a row before a slide is dropped
 MAX_ATTEMPTS_PER_PATCH = 50
 BLANK_PEAK_TO_PEAK = 10       # a read region this flat is a failed read, not tissue
 BLANK_CHECK_SAMPLES = 32      # per side: the blank check looks at this grid of a read region
-MAX_OPEN_HANDLES_PER_THREAD = 64
 MAX_PROBLEM_DETAILS_PER_TICK = 1000   # lines kept for read-problems.txt between two tick reports
 STAIN_FIT_PATCHES = 16        # per slide, to fit its stain normalisation
 STAIN_FIT_SIZE = 256          # patch side those are read at (the LOD-0 field of view)
@@ -272,6 +266,60 @@ def load_or_build_mask(handle, slide_path, cache_dir):
         return mask, f'could not cache its mask in {cache_dir} ({e})'
 
 
+class TissueRuns:
+    """The tissue pixels of a mask, kept as runs along its rows: `starts` holds the flat index of
+    each run's first pixel, `ends` the count of tissue pixels up to and including the run. A
+    draw is uniform over tissue pixels, as a list of every pixel's index would give, at 8 bytes
+    a run instead of 8 bytes a pixel (a slide's mask has a few runs per row)."""
+
+    def __init__(self, starts, ends, shape):
+        self.starts, self.ends, self.shape = starts, ends, tuple(shape)
+
+    @classmethod
+    def from_mask(cls, mask):
+        height, width = mask.shape
+        if mask.size >= 2 ** 31:
+            raise ValueError(f'a {width}x{height} mask is too large to index')
+        edges = np.diff(np.pad(mask.astype(bool).view(np.int8), ((0, 0), (1, 1))), axis=1)
+        rows, first = np.nonzero(edges == 1)        # row-major order, so runs come sorted
+        last = np.nonzero(edges == -1)[1]
+        starts = (rows * width + first).astype(np.int32)
+        ends = np.cumsum(last - first, dtype=np.int64).astype(np.int32)
+        return cls(starts, ends, mask.shape)
+
+    @property
+    def count(self):
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    @property
+    def nbytes(self):
+        return self.starts.nbytes + self.ends.nbytes
+
+    def pixel(self, k):
+        """Flat mask index of the k-th tissue pixel (0 <= k < count), in row-major order."""
+        run = bisect.bisect_right(self.ends, k)
+        before = int(self.ends[run - 1]) if run else 0
+        return int(self.starts[run]) + k - before
+
+    def mask(self):
+        flat = np.zeros(self.shape[0] * self.shape[1], np.int8)
+        lengths = np.diff(self.ends, prepend=0)
+        np.add.at(flat, self.starts, 1)
+        ends = self.starts.astype(np.int64) + lengths
+        np.add.at(flat, ends[ends < flat.size], -1)
+        return np.cumsum(flat, dtype=np.int8).astype(np.uint8).reshape(self.shape)
+
+    def within(self, keep):
+        """The runs of the pixels that are tissue here and non-zero in keep (same shape)."""
+        return TissueRuns.from_mask(self.mask() & (keep > 0))
+
+
+def random_centre(tissue, mask_scale, rng):
+    """Level-0 (x, y) of a tissue pixel drawn uniformly, jittered within that pixel."""
+    y, x = divmod(tissue.pixel(int(rng.integers(tissue.count))), tissue.shape[1])
+    return (x + rng.random()) * mask_scale[0], (y + rng.random()) * mask_scale[1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Slide inspection.
 
@@ -286,7 +334,7 @@ class SlideInfo:
     level_downsamples: tuple = ()
     tissue_fraction: float = 0.0
     mask_shape: tuple = (0, 0)
-    tissue_index: np.ndarray = None  # flat indices of tissue pixels in the mask
+    tissue: TissueRuns = None       # the tissue pixels of the mask
     mask_scale: tuple = (1.0, 1.0)  # level-0 pixels per mask pixel (x, y)
     class_index: int = -1
     field_of_view: float = None     # level-0 pixels a patch covers (from MPP when patch size is in um)
@@ -298,12 +346,13 @@ class SlideInfo:
 
     @property
     def tissue_area(self):
-        return len(self.tissue_index) * self.mask_scale[0] * self.mask_scale[1]
+        return self.tissue.count * self.mask_scale[0] * self.mask_scale[1]
 
     def mask(self):
-        mask = np.zeros(self.mask_shape, np.uint8)
-        mask.flat[self.tissue_index] = 1
-        return mask
+        return self.tissue.mask()
+
+    def random_centre(self, rng):
+        return random_centre(self.tissue, self.mask_scale, rng)
 
 
 def inspect_slide(path, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_view=None, patch_um=None,
@@ -337,8 +386,8 @@ def inspect_slide(path, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_
     finally:
         handle.close()
     info.mask_shape = mask.shape
-    info.tissue_index = np.flatnonzero(mask).astype(np.int64)
-    info.tissue_fraction = len(info.tissue_index) / mask.size
+    info.tissue = TissueRuns.from_mask(mask)
+    info.tissue_fraction = info.tissue.count / mask.size
     info.mask_scale = (width / mask.shape[1], height / mask.shape[0])
     if info.tissue_fraction == 0:
         info.problem = 'no tissue found (background only)'
@@ -360,13 +409,12 @@ def scaled_field_of_view(mpp, field_of_view=None, patch_um=None, default_mpp=Non
 
 
 def inspect_slides(paths, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_view=None,
-                   num_threads=None, progress=True, patch_um=None, default_mpp=None):
-    """inspect_slide over many slides in parallel (OpenSlide and OpenCV release the GIL)."""
-    num_threads = num_threads or os.cpu_count() or 1
-    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        jobs = pool.map(lambda p: inspect_slide(p, mask_cache_dir, min_tissue_fraction, field_of_view,
-                                                patch_um, default_mpp), paths)
-        return list(tqdm(jobs, total=len(paths), desc='Tissue masks', unit='slide', disable=not progress))
+                   num_workers=None, progress=True, patch_um=None, default_mpp=None, pool=None):
+    """inspect_slide over many slides, in worker processes (pool's, or num_workers of their own,
+    one per core by default), with a progress bar."""
+    job = functools.partial(inspect_slide, mask_cache_dir=mask_cache_dir, min_tissue_fraction=min_tissue_fraction,
+                            field_of_view=field_of_view, patch_um=patch_um, default_mpp=default_mpp)
+    return worker_pool.map_with_progress(job, list(paths), pool, num_workers, 'Tissue masks', 'slide', progress)
 
 
 def mixed_magnification_warning(infos, tolerance=0.1):
@@ -459,9 +507,8 @@ def restrict_to_regions(info, roi_dir, labels=None, whole_tissue_without_file=Fa
     if info.region is None:
         info.problem = f'{path} has no polygon{wanted}'
         return
-    inside = rasterise_regions(info.region, info.mask_shape, info.mask_scale).ravel()
-    info.tissue_index = info.tissue_index[inside[info.tissue_index] > 0]
-    if len(info.tissue_index) == 0:
+    info.tissue = info.tissue.within(rasterise_regions(info.region, info.mask_shape, info.mask_scale))
+    if info.tissue.count == 0:
         info.problem = f'its regions{wanted} in {path} hold no tissue'
 
 
@@ -566,373 +613,6 @@ def composite_on_white(rgba):
         return rgba[..., :3]
     a = alpha[..., None].astype(np.float32) / 255
     return (rgba[..., :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------
-# The sampler.
-
-_ROTATE_CODES = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}  # as np.rot90
-
-
-class PatchSampler:
-    """Random tissue patches from a folder of slides, read by a persistent thread pool.
-
-    sample(lod, count) -> (uint8 [count, 3, r, r], int64 [count] class index or -1),
-    r = resolution >> lod read at downsample << lod. With patch_um instead of downsample, each
-    slide's downsample is patch_um / (its MPP * resolution): the same physical field of view.
-    roi_dir limits patch centres to annotated regions; stain_norm normalises every patch's stain
-    to a target (stain.py). Read problems are counted per slide; tick_report() summarises them.
-    """
-
-    def __init__(self, slide_dir, wsi_ext='.svs', resolution=512, downsample=4,
-                 label_file=None, max_label_size=0, recursive=False, mask_cache_dir=None,
-                 rotate90=False, min_tissue_fraction=0.01, weight_by_tissue=False,
-                 num_threads=None, seed=None, log=print, patch_um=None, default_mpp=None,
-                 roi_dir=None, roi_labels=None, roi_missing='leave_out', stain_norm=None, stain_target=None):
-        self.resolution_log2 = int(np.log2(resolution))
-        if resolution != 2 ** self.resolution_log2 or resolution < 4:
-            raise ValueError(f'resolution must be a power of two >= 4, got {resolution}')
-        if roi_missing not in ('leave_out', 'tissue'):
-            raise ValueError(f"roi_missing must be 'leave_out' or 'tissue', got {roi_missing!r}")
-        stain.check_method(stain_norm)
-        self.resolution = resolution
-        self.downsample = None if patch_um is not None else downsample
-        self.field_of_view = None if patch_um is not None else resolution * downsample   # per slide otherwise
-        self.shape = [3, resolution, resolution]
-        self.rotate90 = rotate90
-        self.num_threads = num_threads or os.cpu_count() or 1
-        self.log = log
-        self.mask_cache_dir = mask_cache_dir or default_mask_cache_dir()
-
-        paths = find_slides(slide_dir, wsi_ext, recursive)
-        if not paths:
-            raise NoUsableSlidesError(f'No files with extension {wsi_ext} in {slide_dir}')
-        infos = inspect_slides(paths, self.mask_cache_dir, min_tissue_fraction, self.field_of_view, self.num_threads,
-                               patch_um=patch_um, default_mpp=default_mpp)
-        if roi_dir is not None:
-            for info in infos:
-                if info.problem is None:
-                    restrict_to_regions(info, roi_dir, roi_labels, roi_missing == 'tissue')
-        self._apply_labels(infos, slide_dir, label_file, max_label_size)
-        self._report_problems(slide_dir, infos)
-        mixed = mixed_magnification_warning(infos) if patch_um is None else None
-        if mixed:
-            self.log(f'Warning: {slide_dir}: {mixed}')
-        self.slides = [info for info in infos if info.problem is None]
-        self.slide_paths = [info.path for info in self.slides]
-        self.max_lod = self.resolution_log2 - 2   # field of view is the same at every LOD
-
-        weights = np.array([s.tissue_area if weight_by_tissue else 1.0 for s in self.slides])
-        self._slide_cdf = np.cumsum(weights / weights.sum())
-        self._slide_cdf_list = self._slide_cdf.tolist()   # bisect on a list: microseconds per draw
-        self._active = np.ones(len(self.slides), bool)
-        self._consecutive_failures = np.zeros(len(self.slides), np.int64)
-        self._lock = threading.Lock()
-        self._rng = np.random.default_rng(seed)
-        self._local = threading.local()
-        self._thread_handles = []   # every thread's handle cache, so close() can close them
-        self.patches_read = 0       # by the readers, read-ahead included
-        self.read_problems = [collections.Counter() for _ in self.slides]   # cause -> count, since the last tick
-        self._problem_details = []  # lines for read-problems.txt, written at the next tick
-        self.problems_path = None   # read-problems.txt once the run directory is known
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix='wsi-reader')
-        self.stain_norm = stain_norm
-        self._stain_transforms = None   # per slide, once fitted
-        if stain_norm is not None:
-            self._fit_stain(stain_target)
-
-    def _apply_labels(self, infos, slide_dir, label_file, max_label_size):
-        self.class_names = []
-        self.label_size = 0
-        if label_file is None or max_label_size == 0:
-            return
-        indices, self.class_names = slide_classes([i.path for i in infos], slide_dir, label_file)
-        self.label_size = len(self.class_names) if max_label_size == 'full' else min(len(self.class_names), max_label_size)
-        for info, index in zip(infos, indices):
-            info.class_index = int(index)
-            if index < 0 and info.problem is None:
-                info.problem = f'no class for it in {label_file}'
-
-    def _report_problems(self, slide_dir, infos):
-        for info in infos:
-            if info.warning:
-                self.log(f'Warning: {info.path}: {info.warning}')
-            if info.problem:
-                self.log(f'Warning: leaving out {info.path}: {info.problem}')
-        if all(info.problem for info in infos):
-            listing = '\n'.join(f'  {info.path}: {info.problem}' for info in infos)
-            raise NoUsableSlidesError(f'No usable slide in {slide_dir}:\n{listing}')
-
-    def _fit_stain(self, target_path):
-        """A stain transform per slide, fitted to STAIN_FIT_PATCHES of its patches, towards the
-        target image, or by default towards the cohort's most typical patch (stain_target_image)."""
-        size = min(self.resolution, STAIN_FIT_SIZE)
-        fits = list(self._pool.map(lambda index: self._fit_slide_stain(index, size), range(len(self.slides))))
-        if target_path is not None:
-            self.stain_target_image = stain.read_target_image(target_path)
-        else:
-            candidates = [patch for _, patch in fits if patch is not None]
-            if not candidates:
-                raise NoUsableSlidesError('No patch could be read to pick a stain target from; see the warnings above')
-            self.stain_target_image = stain.representative_patch(np.stack(candidates))
-        try:
-            target = stain.fit(self.stain_norm, self.stain_target_image)
-        except ValueError as e:
-            raise ValueError(f'stain_target {target_path or "(picked from the slides)"}: {e}; '
-                             f'give a stain_target image showing stained tissue') from None
-        self._stain_transforms = [stain.transform(self.stain_norm, source, target) if source is not None
-                                  else (lambda rgb: rgb) for source, _ in fits]
-
-    def _fit_slide_stain(self, slide_index, size):
-        """(the stain fit of STAIN_FIT_PATCHES of a slide's patches or None with a warning, the
-        slide's most typical of them as a target candidate: one per slide, up to 64 slides)."""
-        rng = np.random.default_rng(slide_index)
-        patches = []
-        for _ in range(2 * STAIN_FIT_PATCHES):
-            patch = self._try_read(slide_index, rng, size)
-            if patch is not None:
-                patches.append(patch)
-            if len(patches) == STAIN_FIT_PATCHES:
-                break
-        path = self.slides[slide_index].path
-        if not patches:
-            self.log(f'Warning: {path}: patches stay unnormalised (no patch of it could be read to fit the stain)')
-            return None, None
-        patches = np.stack(patches)
-        candidate = stain.representative_patch(patches) if slide_index % max(1, len(self.slides) // 64) == 0 else None
-        try:
-            return stain.fit(self.stain_norm, patches), candidate
-        except ValueError as e:
-            self.log(f'Warning: {path}: patches stay unnormalised ({e})')
-            return None, candidate
-
-    # -- public API ---------------------------------------------------------------------------
-
-    def patch_size(self, lod):
-        """Patch side at an integer LOD: resolution >> lod."""
-        if lod != int(lod) or not 0 <= lod <= self.max_lod:
-            raise ValueError(f'lod must be an integer in 0..{self.max_lod}, got {lod}')
-        return self.resolution >> int(lod)
-
-    def sample(self, lod, count):
-        """count random tissue patches at LOD lod, read in parallel by the thread pool:
-        (uint8 [count, 3, r, r], int64 [count] class index, -1 without labels)."""
-        images, classes, jobs = self._submit(lod, count)
-        for job in jobs:
-            job.result()
-        return images, classes
-
-    def batches(self, lod, minibatch, prefetch=4):
-        """Endless (images, class indices) minibatches. `prefetch` of them stay queued on the
-        thread pool, so readers go straight on to the next batch rather than idling at each
-        batch's end while the slowest chunk finishes. Closing the generator (a new LOD or
-        minibatch size) drops the read-ahead and returns once no reader works for it."""
-        in_flight = collections.deque()
-        try:
-            while True:
-                while len(in_flight) < max(prefetch, 1) + 1:    # + the one handed out now
-                    in_flight.append(self._submit(lod, minibatch))
-                images, classes, jobs = in_flight.popleft()
-                for job in jobs:
-                    job.result()     # a reader's exception is raised here, in the consumer
-                yield images, classes
-        finally:    # cancel what is queued and let what is running finish: nothing reads on after
-            pending = [job for _, _, jobs in in_flight for job in jobs if not job.cancel()]
-            concurrent.futures.wait(pending)
-
-    def _submit(self, lod, count):
-        """Queue the reading of count patches in chunks: (images, classes, futures)."""
-        size = self.patch_size(lod)
-        images = np.empty([count, 3, size, size], np.uint8)
-        classes = np.empty([count], np.int64)
-        bounds = np.linspace(0, count, min(count, 2 * self.num_threads) + 1).astype(int)
-        with self._lock:
-            seeds = self._rng.integers(2 ** 63, size=len(bounds) - 1)
-        jobs = [self._pool.submit(self._fill, images, classes, begin, end, size, seed)
-                for begin, end, seed in zip(bounds[:-1], bounds[1:], seeds)]
-        return images, classes, jobs
-
-    def labels_onehot(self, class_indices):
-        class_indices = np.asarray(class_indices)
-        onehot = np.zeros([len(class_indices), self.label_size], np.float32)
-        rows = np.flatnonzero((class_indices >= 0) & (class_indices < self.label_size))
-        onehot[rows, class_indices[rows]] = 1
-        return onehot
-
-    def random_labels(self, count):
-        with self._lock:
-            slides = [self._choose_slide(self._rng) for _ in range(count)]
-        return self.labels_onehot([self.slides[i].class_index for i in slides])
-
-    def write_overview(self, out_dir, boxes_per_slide=8, max_size=1000):
-        """One PNG per slide: thumbnail, tissue-mask outline (green), annotated regions (blue),
-        sampled patch boxes (red); with stain normalisation also one patch per slide before
-        (left) and after (right) normalisation."""
-        os.makedirs(out_dir, exist_ok=True)
-        rng = np.random.default_rng(0)
-        paths = []
-        for index, slide in enumerate(self.slides):
-            with openslide.OpenSlide(slide.path) as handle:
-                picture = slide_thumbnail(handle, max_size)
-            scale = picture.shape[1] / slide.dimensions[0]
-            mask = cv2.resize(slide.mask(), (picture.shape[1], picture.shape[0]), interpolation=cv2.INTER_NEAREST)
-            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(picture, contours, -1, (0, 200, 0), 2)
-            if slide.region is not None:
-                rings = [r for p in polygons_of(slide.region) for r in (p.exterior, *p.interiors)]
-                cv2.polylines(picture, [np.round(np.asarray(r.coords)[:, :2] * scale).astype(np.int32) for r in rings],
-                              True, (0, 0, 230), 2)
-            fov = slide.field_of_view
-            for _ in range(boxes_per_slide):
-                x0, y0 = clamp_top_left(self._random_centre(slide, rng), fov, slide.dimensions)
-                corner = (round(x0 * scale), round(y0 * scale))
-                far = (round((x0 + fov) * scale), round((y0 + fov) * scale))
-                cv2.rectangle(picture, corner, far, (220, 0, 0), 2)
-            name = f'overview-{index:03d}-{os.path.basename(slide.path)}'
-            paths.append(os.path.join(out_dir, name + '.png'))
-            write_png(paths[-1], cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-            if self._stain_transforms is not None:
-                paths.append(os.path.join(out_dir, name + '-stain.png'))
-                self._write_stain_example(paths[-1], index, rng)
-        return paths
-
-    def write_stain_target(self, path):
-        write_png(path, cv2.cvtColor(self.stain_target_image, cv2.COLOR_RGB2BGR))
-
-    def _write_stain_example(self, path, slide_index, rng):
-        """One patch of a slide as read (left) and stain-normalised (right)."""
-        for _ in range(MAX_ATTEMPTS_PER_PATCH):
-            patch = self._try_read(slide_index, rng, self.resolution)
-            if patch is not None:
-                pair = np.concatenate([patch, self._stain_transforms[slide_index](patch)], 1)
-                write_png(path, cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
-                return
-
-    def close(self):
-        self._pool.shutdown(wait=True)
-        with self._lock:
-            for handles in self._thread_handles:
-                for handle in handles.values():
-                    handle.close()
-                handles.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    # -- workers -------------------------------------------------------------------------------
-
-    def _fill(self, images, classes, begin, end, size, seed):
-        rng = np.random.default_rng(seed)
-        for i in range(begin, end):
-            patch, slide_index = self._read_random_patch(rng, size)
-            if self._stain_transforms is not None:
-                patch = self._stain_transforms[slide_index](patch)
-            if self.rotate90:
-                patch = self._rotate(patch, rng)
-            cv2.split(patch, list(images[i]))   # HWC -> CHW straight into the batch
-            classes[i] = self.slides[slide_index].class_index
-        with self._lock:
-            self.patches_read += end - begin
-
-    def _read_random_patch(self, rng, size):
-        """A patch from a random tissue location; failed reads are retried elsewhere, and a
-        slide failing MAX_CONSECUTIVE_FAILURES times in a row is dropped."""
-        for _ in range(MAX_ATTEMPTS_PER_PATCH):
-            slide_index = self._choose_slide(rng)
-            patch = self._try_read(slide_index, rng, size)
-            if patch is not None:
-                return patch, slide_index
-        raise RuntimeError(f'{MAX_ATTEMPTS_PER_PATCH} reads in a row failed; see the warnings above')
-
-    def _try_read(self, slide_index, rng, size):
-        """A patch from a random tissue location of one slide, or None once the failure is recorded."""
-        slide = self.slides[slide_index]
-        centre = self._random_centre(slide, rng)
-        try:
-            patch = read_patch(self._handle(slide.path), centre, slide.field_of_view, size)
-        except (openslide.OpenSlideError, OSError, BlankRegionError) as e:
-            self._record_failure(slide_index, centre, e)
-            return None
-        self._consecutive_failures[slide_index] = 0
-        return patch
-
-    def _choose_slide(self, rng):
-        """A slide index drawn by the slide weights among the slides not dropped."""
-        index = min(bisect.bisect_right(self._slide_cdf_list, rng.random()), len(self.slides) - 1)
-        if self._active[index]:
-            return index
-        weights = np.diff(self._slide_cdf, prepend=0) * self._active
-        if not weights.any():
-            raise RuntimeError('Every slide has been dropped after failed reads; see the warnings above')
-        return int(rng.choice(len(weights), p=weights / weights.sum()))
-
-    @staticmethod
-    def _random_centre(slide, rng):
-        """Level-0 (x, y) of a random tissue mask pixel, jittered within that pixel."""
-        y, x = divmod(int(slide.tissue_index[rng.integers(len(slide.tissue_index))]), slide.mask_shape[1])
-        return ((x + rng.random()) * slide.mask_scale[0], (y + rng.random()) * slide.mask_scale[1])
-
-    @staticmethod
-    def _rotate(patch, rng):
-        """A random quarter turn (tissue has no up). cv2.rotate rather than np.rot90: a strided
-        view makes the CHW copy 4x slower."""
-        turns = rng.integers(4)
-        return cv2.rotate(patch, _ROTATE_CODES[turns]) if turns else patch
-
-    def _handle(self, path):
-        """This thread's open handle for a slide (a small LRU per thread)."""
-        handles = getattr(self._local, 'handles', None)
-        if handles is None:
-            handles = self._local.handles = collections.OrderedDict()
-            with self._lock:
-                self._thread_handles.append(handles)
-        handle = handles.pop(path, None) or openslide.OpenSlide(path)
-        handles[path] = handle
-        if len(handles) > MAX_OPEN_HANDLES_PER_THREAD:
-            handles.popitem(last=False)[1].close()
-        return handle
-
-    def _record_failure(self, slide_index, centre, error):
-        """Count a failed read for the tick report and read-problems.txt; warn (once) only when
-        the slide is dropped."""
-        # An OpenSlide handle is unusable after an error: close it, reopen on the next read.
-        handles = getattr(self._local, 'handles', {})
-        path = self.slides[slide_index].path
-        if path in handles:
-            handles.pop(path).close()
-        cause = type(error).__name__
-        with self._lock:
-            self._consecutive_failures[slide_index] += 1
-            failures = self._consecutive_failures[slide_index]
-            self.read_problems[slide_index][cause] += 1
-            if len(self._problem_details) < MAX_PROBLEM_DETAILS_PER_TICK:
-                x, y = centre
-                self._problem_details.append(f'{path}\tcentre ({x:.0f}, {y:.0f})\t{cause}: {error}')
-            if failures >= MAX_CONSECUTIVE_FAILURES and self._active[slide_index]:
-                self._active[slide_index] = False
-                self.log(f'Warning: dropping {path} after {failures} failed reads in a row (last: {cause}: '
-                         f'{error}); it is left out from now on')
-
-    def tick_report(self):
-        """One line per slide with read problems since the last call (count, commonest cause),
-        and those problems' details appended to problems_path (when set)."""
-        with self._lock:
-            counts, self.read_problems = self.read_problems, [collections.Counter() for _ in self.slides]
-            details, self._problem_details = self._problem_details, []
-        if details and self.problems_path:
-            with open(self.problems_path, 'a', encoding='utf-8') as f:
-                f.writelines(line + '\n' for line in details)
-        where = f'; details in {self.problems_path}' if self.problems_path else ''
-        lines = []
-        for slide, causes in zip(self.slides, counts):
-            if causes:
-                cause, count = causes.most_common(1)[0]
-                lines.append(f'Read problems: {slide.path}: {sum(causes.values())} since the last tick, '
-                             f'mostly {cause} ({count}){where}')
-        return lines
 
 
 # ----------------------------------------------------------------------------------------------

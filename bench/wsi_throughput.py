@@ -43,6 +43,7 @@ import config  # noqa: E402
 import dataset  # noqa: E402
 import tfutil  # noqa: E402
 import train  # noqa: E402
+import patch_sampler  # noqa: E402
 import wsi  # noqa: E402
 from tf_compat import tf  # noqa: E402
 
@@ -142,7 +143,7 @@ def naive_patch(slide_path, mask_path, size, rng):
 
 def measure(slide_dir, mask_cache, seconds):
     cores = os.cpu_count()
-    samplers = {threads: wsi.PatchSampler(slide_dir, resolution=RESOLUTION, downsample=DOWNSAMPLE,
+    samplers = {threads: patch_sampler.PatchSampler(slide_dir, resolution=RESOLUTION, downsample=DOWNSAMPLE,
                                           mask_cache_dir=mask_cache, num_threads=threads, seed=1, log=lambda m: None)
                 for threads in (1, cores)}
     slide = samplers[1].slides[0]
@@ -162,7 +163,7 @@ def measure(slide_dir, mask_cache, seconds):
 
         def raw_batch(snap=False):
             for _ in range(batch):
-                centre = samplers[1]._random_centre(slide, rng)
+                centre = slide.random_centre(rng)
                 read_and_resize(handle, wsi.clamp_top_left(centre, FIELD_OF_VIEW, slide.dimensions), size, snap)
             return batch
 
@@ -246,7 +247,7 @@ def training_rates(steps, minibatch=2):
 
 def memory_run(slide_dir, mask_cache, total, lod=0, batch=16):
     process = psutil.Process()
-    with wsi.PatchSampler(slide_dir, resolution=RESOLUTION, downsample=DOWNSAMPLE, mask_cache_dir=mask_cache,
+    with patch_sampler.PatchSampler(slide_dir, resolution=RESOLUTION, downsample=DOWNSAMPLE, mask_cache_dir=mask_cache,
                           seed=2, log=lambda m: None) as sampler:
         done, after_first_1000 = 0, None
         start = time.perf_counter()
@@ -293,7 +294,7 @@ def cohort_rates(slide_dir, mask_cache, seconds):
                'roi': {'downsample': DOWNSAMPLE, 'roi_dir': roi_dir},
                'stain_norm=reinhard': {'downsample': DOWNSAMPLE, 'stain_norm': 'reinhard'},
                'stain_norm=macenko': {'downsample': DOWNSAMPLE, 'stain_norm': 'macenko'}}
-    samplers = {name: wsi.PatchSampler(slide_dir, resolution=RESOLUTION, mask_cache_dir=mask_cache, seed=1,
+    samplers = {name: patch_sampler.PatchSampler(slide_dir, resolution=RESOLUTION, mask_cache_dir=mask_cache, seed=1,
                                        log=lambda m: None, **kwargs) for name, kwargs in options.items()}
     try:
         wall, cpu = interleaved_rates({name: training_feed(s, 0, 16) for name, s in samplers.items()}, seconds)

@@ -17,6 +17,7 @@ import pytest
 
 import cluster
 import misc
+import patch_sampler
 import tfutil
 from survival_helpers import log_text, resumed_from, snapshots, wait_for
 from tf_compat import tf
@@ -78,7 +79,6 @@ def test_minibatches_are_split_over_all_gpus_of_all_nodes(tmp_path, monkeypatch)
 def test_each_node_samples_its_own_patches_from_a_fixed_dataset_seed(tmp_path, monkeypatch, mask_cache):
     import config
     import train
-    import wsi
     from conftest import write_slide
     os.makedirs(tmp_path / 'slides')
     write_slide(str(tmp_path / 'slides' / 'a.svs'))
@@ -86,7 +86,7 @@ def test_each_node_samples_its_own_patches_from_a_fixed_dataset_seed(tmp_path, m
 
     def patches(node):
         seed = train._dataset_kwargs(node)['seed']
-        with wsi.PatchSampler(str(tmp_path / 'slides'), resolution=16, downsample=4, seed=seed, num_threads=1,
+        with patch_sampler.PatchSampler(str(tmp_path / 'slides'), resolution=16, downsample=4, seed=seed, num_threads=1,
                               mask_cache_dir=mask_cache, log=lambda message: None) as sampler:
             return sampler.sample(0, 8)[0]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import stain
+import patch_sampler
 import wsi
 from conftest import slide_image
 
@@ -130,7 +131,7 @@ def tissue_lab_statistics(rgb):
 
 def patches_of(folder, mask_cache, **kwargs):
     """[N, H, W, 3] patches the sampler gives at LOD 0 (same seed: the same places of each copy)."""
-    with wsi.PatchSampler(str(folder), resolution=64, downsample=4, mask_cache_dir=mask_cache, seed=7,
+    with patch_sampler.PatchSampler(str(folder), resolution=64, downsample=4, mask_cache_dir=mask_cache, seed=7,
                           num_threads=1, log=print, **kwargs) as sampler:
         images, _ = sampler.sample(0, 48)
     return images.transpose(0, 2, 3, 1)

@@ -10,13 +10,14 @@ import numpy as np
 import openslide
 import pytest
 
+import patch_sampler
 import wsi
 from conftest import corrupt_tiles, run_with_timeout, slide_image, whiten_tiles, write_slide
 
 
 def make_sampler(slide_dir, mask_cache, messages=None, **kwargs):
     kwargs = {'resolution': 32, 'downsample': 4, 'seed': 1, 'num_threads': 2, **kwargs}
-    return wsi.PatchSampler(str(slide_dir), mask_cache_dir=mask_cache,
+    return patch_sampler.PatchSampler(str(slide_dir), mask_cache_dir=mask_cache,
                             log=messages.append if messages is not None else print, **kwargs)
 
 
@@ -120,7 +121,7 @@ def test_mask_cache_name_is_a_hash_and_changes_when_the_slide_is_replaced(tmp_pa
     assert wsi.mask_cache_path(path, mask_cache) != first
     with make_sampler(folder, mask_cache) as sampler:
         rng = np.random.default_rng(0)
-        centres = np.array([sampler._random_centre(sampler.slides[0], rng) for _ in range(200)])
+        centres = np.array([sampler.slides[0].random_centre(rng) for _ in range(200)])
         assert (centres[:, 0] > 1000).all(), 'the old cached mask was used for the new slide'
 
 
@@ -194,7 +195,7 @@ def test_patch_centres_fall_in_the_tissue_region(tmp_path, mask_cache):
     write_slide(tmp_path / 's.svs', tissue_boxes=[box])
     with make_sampler(tmp_path, mask_cache) as sampler:
         rng = np.random.default_rng(3)
-        centres = np.array([sampler._random_centre(sampler.slides[0], rng) for _ in range(2000)])
+        centres = np.array([sampler.slides[0].random_centre(rng) for _ in range(2000)])
         inside = ((centres[:, 0] >= box[0]) & (centres[:, 0] < box[2]) &
                   (centres[:, 1] >= box[1]) & (centres[:, 1] < box[3]))
         assert inside.mean() >= 0.95
@@ -219,10 +220,11 @@ def test_weight_by_tissue_draws_slides_in_proportion_to_tissue_area(tmp_path, ma
 def test_rotate90_gives_every_quarter_turn_of_the_patch(tmp_path, mask_cache):
     write_slide(tmp_path / 's.svs')
     patch = np.ascontiguousarray(np.arange(5 * 5 * 3, dtype=np.uint8).reshape(5, 5, 3))
+    rng = np.random.default_rng(0)
     with make_sampler(tmp_path, mask_cache, rotate90=True) as sampler:
         turns = []
         for _ in range(40):
-            out = sampler._rotate(patch, sampler._rng)
+            out = patch_sampler.random_quarter_turn(patch, rng)
             turns += [k for k in range(4) if np.array_equal(out, np.rot90(patch, k))]
         images, _ = sampler.sample(0, 16)
     assert len(turns) == 40 and set(turns) == {0, 1, 2, 3}
@@ -261,7 +263,7 @@ def test_region_reads_match_openslides_public_read_region(tmp_path, monkeypatch,
 
 def test_sampler_reads_through_the_fast_path(tmp_path, mask_cache):
     write_slide(tmp_path / 's.svs')
-    with make_sampler(tmp_path, mask_cache, num_threads=1) as sampler:
+    with make_sampler(tmp_path, mask_cache, num_readers=0) as sampler:     # read here, where the counter is
         _, paths = reads_by_path(sampler.sample, 1, 8)
     assert paths == {'direct': 8, 'public': 0}
 
@@ -328,7 +330,7 @@ def test_read_only_slide_folder_masks_go_to_the_user_cache(tmp_path, monkeypatch
     before = sorted(os.listdir(folder))
     folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
-        with wsi.PatchSampler(str(folder), resolution=32, downsample=4, log=messages.append) as sampler:
+        with patch_sampler.PatchSampler(str(folder), resolution=32, downsample=4, log=messages.append) as sampler:
             sampler.sample(0, 4)
     finally:
         folder.chmod(stat.S_IRWXU)

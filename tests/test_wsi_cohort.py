@@ -9,13 +9,14 @@ import openslide
 import pytest
 import shapely.geometry
 
+import patch_sampler
 import wsi
 from conftest import slide_image, write_slide
 
 
 def sampler(slide_dir, mask_cache, messages, **kwargs):
     kwargs = {'resolution': 32, 'seed': 1, 'num_threads': 2, **kwargs}
-    return wsi.PatchSampler(str(slide_dir), mask_cache_dir=mask_cache, log=messages.append, **kwargs)
+    return patch_sampler.PatchSampler(str(slide_dir), mask_cache_dir=mask_cache, log=messages.append, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +113,7 @@ def annotated(tmp_path):
 
 
 def recorded_centres(monkeypatch):
+    """The centres of the patches read by a sampler made with num_readers=0 (in this process)."""
     centres = []
     real_read_patch = wsi.read_patch
 
@@ -126,7 +128,7 @@ def test_patch_centres_fall_inside_the_chosen_class_and_outside_its_hole_at_ever
         annotated, mask_cache, messages, monkeypatch):
     _, slides, rois = annotated
     centres = recorded_centres(monkeypatch)
-    with sampler(slides, mask_cache, messages, downsample=4, roi_dir=rois, roi_labels=['Tumor']) as s:
+    with sampler(slides, mask_cache, messages, downsample=4, roi_dir=rois, roi_labels=['Tumor'], num_readers=0) as s:
         for lod in range(s.max_lod + 1):
             del centres[:]
             images, _ = s.sample(lod, 200)
@@ -140,7 +142,7 @@ def test_patch_centres_fall_inside_the_chosen_class_and_outside_its_hole_at_ever
 def test_without_labels_every_region_is_sampled_and_nothing_outside(annotated, mask_cache, messages, monkeypatch):
     _, slides, rois = annotated
     centres = recorded_centres(monkeypatch)
-    with sampler(slides, mask_cache, messages, downsample=4, roi_dir=rois) as s:
+    with sampler(slides, mask_cache, messages, downsample=4, roi_dir=rois, num_readers=0) as s:
         s.sample(0, 300)
     points = [shapely.geometry.Point(c) for c in centres]
     in_stroma = sum(STROMA.contains(p) for p in points)
@@ -150,7 +152,7 @@ def test_without_labels_every_region_is_sampled_and_nothing_outside(annotated, m
 def test_slides_without_annotation_file_are_left_out_or_use_their_tissue(annotated, mask_cache, messages):
     annotated_path, slides, rois = annotated
     plain = write_slide(os.path.join(slides, 'case 2.svs'))
-    with sampler(slides, mask_cache, messages, downsample=4, roi_dir=rois) as s:
+    with sampler(slides, mask_cache, messages, downsample=4, roi_dir=rois, num_readers=0) as s:
         assert s.slide_paths == [annotated_path]
     assert len(messages) == 1 and plain in messages[0] and 'case 2.geojson' in messages[0]
     with sampler(slides, mask_cache, [], downsample=4, roi_dir=rois, roi_missing='tissue') as s:
@@ -180,7 +182,7 @@ def test_feature_collection_and_name_only_exports_are_read(tmp_path):
 
 def test_overview_draws_the_regions(annotated, mask_cache, messages, tmp_path):
     _, slides, rois = annotated
-    with sampler(slides, mask_cache, messages, downsample=4, roi_dir=rois, roi_labels=['Tumor']) as s:
+    with sampler(slides, mask_cache, messages, downsample=4, roi_dir=rois, roi_labels=['Tumor'], num_readers=0) as s:
         [picture_path] = s.write_overview(str(tmp_path / 'overviews'), max_size=1024)
     picture = cv2.imread(picture_path)      # BGR; regions are drawn (0, 0, 230) in RGB
     scale = 1024 / 2048

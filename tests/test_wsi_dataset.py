@@ -59,9 +59,10 @@ def test_a_new_lod_takes_effect_at_the_next_run(tf_session, tinted_slides, tmp_p
     assert tfutil.run(labels_tf).shape == (4, 0)
     wsi_set.configure(8, 2)
     assert tfutil.run(images_tf).shape == (8, 3, 4, 4)
-    # Read-ahead is bounded in minibatches too, not only in megabytes (tiny at 4x4).
-    chunks_per_minibatch = 2 * wsi_set.sampler.num_threads
-    assert wsi_set.sampler._pool._work_queue.qsize() <= dataset.MAX_READ_AHEAD_MINIBATCHES * chunks_per_minibatch
+    # Read-ahead is bounded in minibatches too, not only in megabytes (tiny at 4x4): at most
+    # MAX_READ_AHEAD_MINIBATCHES of them queued behind the one taken, a chunk per reader each.
+    readers = wsi_set.sampler._pool.workers
+    assert sum(reader.pending for reader in readers) <= dataset.MAX_READ_AHEAD_MINIBATCHES * len(readers)
     wsi_set.close()
 
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import tf_compat
+import patch_sampler
 import wsi
 from conftest import corrupt_tiles, run_with_timeout, slide_image, write_slide
 from train_helpers import REPO
@@ -19,7 +20,7 @@ def test_healthy_slide_edges_and_tiny_coarse_reads_give_no_warnings(tmp_path, ma
     # A 32x24 top level: at LOD 3 a 4-px patch is a 4-px read, which must be looked at whole.
     wsi.write_pyramidal_tiff(str(tmp_path / 'a.svs'), slide_image(2048, 1536, [(512, 384, 1536, 1152)]),
                              aperio=True, level_factor=4, min_level_size=32)
-    with wsi.PatchSampler(str(tmp_path), resolution=32, downsample=8, mask_cache_dir=mask_cache, seed=3,
+    with patch_sampler.PatchSampler(str(tmp_path), resolution=32, downsample=8, mask_cache_dir=mask_cache, seed=3,
                           num_threads=2, log=messages.append) as sampler:
         assert sampler.slides[0].level_downsamples[-1] == 64
         for lod in range(sampler.max_lod + 1):
@@ -35,7 +36,7 @@ def test_failed_reads_are_counted_reported_per_tick_and_detailed_in_a_file(tmp_p
     bad = write_slide(slides / 'bad.svs')
     corrupt_tiles(bad, from_level=1)
     problems = tmp_path / 'read-problems.txt'
-    with wsi.PatchSampler(str(slides), resolution=32, downsample=4, mask_cache_dir=mask_cache, seed=1,
+    with patch_sampler.PatchSampler(str(slides), resolution=32, downsample=4, mask_cache_dir=mask_cache, seed=1,
                           num_threads=2, log=messages.append) as sampler:
         sampler.problems_path = str(problems)
         run_with_timeout(lambda: sampler.sample(0, 32), 60)
