@@ -49,7 +49,8 @@ def preflight(argv):
             if nodes > 1:
                 raise ConfigError('TF_CONFIG describes %d nodes, but %s runs on one machine: unset TF_CONFIG to run it'
                                   % (nodes, train_func(config)))
-            return      # Utility scripts check their own arguments.
+            check_utility_run(dict(config.train))
+            return      # Utility scripts check their other arguments themselves.
         train = dict(config.train)
         os.environ.update(getattr(config, 'env', {}))
         validate_training_setup(train.get('resume_run_id'), train.get('resume_snapshot'), gpu_counter=count_gpus_without_tf)
@@ -57,6 +58,20 @@ def preflight(argv):
         sys.exit('Configuration error: %s' % error)
     if finished_run(train.get('resume_run_id'), train.get('total_kimg', _train_default('total_kimg'))):
         sys.exit(0)
+
+
+def check_utility_run(train_kwargs):
+    """A utility script's run_id must name a run (or be a .pkl file): checked here, because the
+    script would find out only after TensorFlow has loaded, in a traceback. The WSI-ProGAN fork's
+    config.py ships with an active generate_fake_images line naming run 10."""
+    run_id = train_kwargs.get('run_id')
+    if run_id is None or (isinstance(run_id, str) and os.path.isfile(run_id)):
+        return
+    try:
+        misc.locate_result_subdir(run_id)
+    except IOError as error:
+        raise ConfigError('train.run_id = %r (for %s) names no run: %s. Comment that line out to train, or name an '
+                          'existing run' % (run_id, train_kwargs.get('func'), error)) from None
 
 
 def finished_run(resume_run_id, total_kimg):

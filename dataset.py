@@ -328,6 +328,7 @@ class WSIDataset(Dataset):
                  roi_missing='leave_out',   # A slide without annotation file: 'leave_out', or 'tissue' to sample its whole tissue.
                  stain_norm=None,           # None, 'reinhard' or 'macenko': normalise each slide's stain to the target.
                  stain_target=None,         # Image file of the target stain; None = a typical patch of the slides (saved in the run dir).
+                 roi_detections=False,      # Take QuPath cell/detection objects as regions too, not only annotations?
                  num_readers=None):         # Processes reading patches; None = one per core, 0 = in the trainer's process.
         import patch_sampler
         import wsi
@@ -342,8 +343,9 @@ class WSIDataset(Dataset):
             tfrecord_dir, wsi_ext=wsi_ext, resolution=resolution, downsample=downsample, label_file=label_file,
             max_label_size=max_label_size, recursive=recursive, mask_cache_dir=mask_cache_dir, rotate90=rotate90,
             min_tissue_fraction=min_tissue_fraction, weight_by_tissue=weight_by_tissue,
-            num_readers=num_readers, num_threads=num_threads, seed=seed, patch_um=patch_um, default_mpp=default_mpp, roi_dir=roi_dir,
-            roi_labels=roi_labels, roi_missing=roi_missing, stain_norm=stain_norm, stain_target=stain_target)
+            num_readers=num_readers, num_threads=num_threads, seed=seed, patch_um=patch_um, default_mpp=default_mpp,
+            roi_dir=roi_dir, roi_labels=roi_labels, roi_missing=roi_missing, stain_norm=stain_norm,
+            stain_target=stain_target, roi_detections=roi_detections)
         self.tfrecord_dir = tfrecord_dir
         self.resolution = resolution
         self.resolution_log2 = self.sampler.resolution_log2

@@ -49,7 +49,7 @@ class PatchSampler:
                  rotate90=False, min_tissue_fraction=0.01, weight_by_tissue=False,
                  num_readers=None, seed=None, log=print, patch_um=None, default_mpp=None,
                  roi_dir=None, roi_labels=None, roi_missing='leave_out', stain_norm=None, stain_target=None,
-                 num_threads=None):
+                 roi_detections=False, num_threads=None):
         self.resolution_log2 = int(np.log2(resolution))
         if resolution != 2 ** self.resolution_log2 or resolution < 4:
             raise ValueError(f'resolution must be a power of two >= 4, got {resolution}')
@@ -73,7 +73,7 @@ class PatchSampler:
         self._pool = worker_pool.WorkerPool(self.num_readers, name='slide reader')
         try:
             infos = self._prepare_slides(paths, min_tissue_fraction, patch_um, default_mpp,
-                                         roi_dir, roi_labels, roi_missing)
+                                         roi_dir, roi_labels, roi_missing, roi_detections)
             self._apply_labels(infos, slide_dir, label_file, max_label_size)
             self._report_problems(slide_dir, infos)
             self.slides = [info for info in infos if info.problem is None]
@@ -87,12 +87,13 @@ class PatchSampler:
 
     # -- setting up ----------------------------------------------------------------------------
 
-    def _prepare_slides(self, paths, min_tissue_fraction, patch_um, default_mpp, roi_dir, roi_labels, roi_missing):
+    def _prepare_slides(self, paths, min_tissue_fraction, patch_um, default_mpp, roi_dir, roi_labels, roi_missing,
+                        roi_detections):
         """Inspect every slide (mask built or loaded) and limit it to its regions, in the readers."""
         job = functools.partial(prepare_slide, mask_cache_dir=self.mask_cache_dir,
                                 min_tissue_fraction=min_tissue_fraction, field_of_view=self.field_of_view,
                                 patch_um=patch_um, default_mpp=default_mpp, roi_dir=roi_dir, roi_labels=roi_labels,
-                                whole_tissue_without_file=roi_missing == 'tissue')
+                                whole_tissue_without_file=roi_missing == 'tissue', roi_detections=roi_detections)
         infos = worker_pool.map_with_progress(job, paths, self._pool, desc='Tissue masks', unit='slide')
         mixed = wsi.mixed_magnification_warning(infos) if patch_um is None else None
         if mixed:
@@ -369,11 +370,12 @@ def reader_count(num_readers, num_threads=None):
     return int(count)
 
 
-def prepare_slide(path, roi_dir=None, roi_labels=None, whole_tissue_without_file=False, **inspect_kwargs):
+def prepare_slide(path, roi_dir=None, roi_labels=None, whole_tissue_without_file=False, roi_detections=False,
+                  **inspect_kwargs):
     """wsi.inspect_slide, then limited to the slide's annotated regions when roi_dir is given."""
     info = wsi.inspect_slide(path, **inspect_kwargs)
     if roi_dir is not None and info.problem is None:
-        wsi.restrict_to_regions(info, roi_dir, roi_labels, whole_tissue_without_file)
+        wsi.restrict_to_regions(info, roi_dir, roi_labels, whole_tissue_without_file, roi_detections)
     return info
 
 

@@ -8,6 +8,8 @@ patch stays darker than stroma) while the slide's overall stain moves to the tar
   decorrelated l-alpha-beta space (log cone responses, rotated) so its mean and standard
   deviation match the target's. (Histology tools often use CIE L*a*b* instead; its two 8-bit
   conversions cost twice the read of a 512-px patch, l-alpha-beta's affine map a quarter.)
+  Statistics are taken over tissue pixels only, and background is left as it is: fitted on
+  whole patches, the share of white glass would set the statistics and tint the glass.
 - Macenko et al. 2009, "A method for normalizing histology slides for quantitative analysis":
   in optical density (OD = -ln(I / I0)), project the tissue pixels onto the plane of the two
   largest principal directions, take the robust extreme angles (alpha and 100 - alpha
@@ -26,6 +28,9 @@ I0 = 255.0                  # light entering the slide (the brightest value)
 MACENKO_BETA = 0.15         # pixels of OD magnitude below this are background, left out of the fit
 MACENKO_ALPHA = 1.0         # percentile of the angle range taken as the extreme stain vectors
 MAX_CONCENTRATION_PERCENTILE = 99.0
+MIN_STAINED_FRACTION = 0.1  # of an image's pixels at OD magnitude >= MACENKO_BETA, to have a stain to measure
+REINHARD_TISSUE_OD = 0.2    # OD magnitude from which Reinhard fits and fully moves a pixel
+REINHARD_BACKGROUND_OD = 0.12   # ... and up to which it leaves the pixel as it is (glass is about 0.1)
 _OD_OF_BYTE = -np.log(np.maximum(np.arange(256, dtype=np.float64), 1) / I0).astype(np.float32)
 
 
@@ -64,10 +69,36 @@ def lalphabeta_statistics(rgb):
     return lab.mean(0), lab.std(0)
 
 
+def stained_fraction(rgb):
+    """Share of an RGB uint8 image's pixels whose OD magnitude reaches MACENKO_BETA (stained tissue)."""
+    return float(np.mean(od_magnitude(np.ascontiguousarray(rgb.reshape(-1, 1, 3))) >= MACENKO_BETA))
+
+
+def od_magnitude(rgb):
+    """float32 OD magnitude per pixel of an RGB uint8 image (shape without the channel axis)."""
+    od = optical_density(rgb)
+    return np.sqrt((od * od).sum(-1))
+
+
+def tissue_weight(rgb):
+    """float32 per pixel in [0, 1]: 0 up to REINHARD_BACKGROUND_OD (glass), 1 from REINHARD_TISSUE_OD
+    (tissue), linear between, so normalised tissue fades into untouched background without a seam."""
+    ramp = (od_magnitude(rgb) - REINHARD_BACKGROUND_OD) / (REINHARD_TISSUE_OD - REINHARD_BACKGROUND_OD)
+    return np.clip(ramp, 0, 1, out=ramp)
+
+
+def reinhard_statistics(rgb):
+    """lalphabeta_statistics of the tissue pixels (OD magnitude >= REINHARD_TISSUE_OD) of an RGB
+    uint8 image or stack of patches."""
+    pixels = rgb.reshape(-1, 3)
+    return lalphabeta_statistics(pixels[od_magnitude(pixels[:, None])[:, 0] >= REINHARD_TISSUE_OD])
+
+
 class ReinhardTransform:
     """lab' = (lab - mean_src) * std_tgt / std_src + mean_tgt per l-alpha-beta channel. l-alpha-
     beta is linear in log LMS, so that is one affine map A log(LMS) + c, applied between the
-    colour-space matrices without converting to l-alpha-beta and back."""
+    colour-space matrices without converting to l-alpha-beta and back. Each pixel takes the
+    mapped colour by its tissue_weight: background keeps its own."""
 
     def __init__(self, source_stats, target_stats):
         (src_mean, src_std), (tgt_mean, tgt_std) = source_stats, target_stats
@@ -83,6 +114,8 @@ class ReinhardTransform:
         lms = cv2.transform(log_lms(rgb), self.in_log_lms)
         cv2.exp(lms, lms)
         out = cv2.transform(lms, self.to_bytes)
+        original = rgb.astype(np.float32)
+        out = original + (out - original) * tissue_weight(rgb)[..., None]
         cv2.max(out, 0, dst=out)                 # convertScaleAbs would mirror negatives
         return cv2.convertScaleAbs(out)          # saturating round to uint8
 
@@ -146,8 +179,14 @@ class MacenkoTransform:
 # Either method.
 
 def fit(method, rgb):
-    """The statistics of an RGB uint8 image (or stack of patches) the method transfers."""
-    return lalphabeta_statistics(rgb) if method == 'reinhard' else macenko_stains(rgb)
+    """The statistics of an RGB uint8 image (or stack of patches) the method transfers. An image
+    with under MIN_STAINED_FRACTION of stained pixels is refused: background has no stain to
+    measure, and a fit to it would bleach every patch."""
+    fraction = stained_fraction(rgb)
+    if fraction < MIN_STAINED_FRACTION:
+        raise ValueError(f'only {fraction:.1%} of its pixels are stained tissue (at least {MIN_STAINED_FRACTION:.0%} '
+                         f'needed): it shows background, not tissue')
+    return reinhard_statistics(rgb) if method == 'reinhard' else macenko_stains(rgb)
 
 
 def transform(method, source, target):

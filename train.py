@@ -374,7 +374,9 @@ class _TrainingRun:
                                            'is not written. The last good snapshot is %s' % self._last_snapshot())
 
     def _last_snapshot(self):
-        return self.writer.last_name if self.writer is not None else None
+        """The newest snapshot this run wrote, for messages, or words saying there is none yet."""
+        name = self.writer.last_name if self.writer is not None else None
+        return name or 'none yet (this run has written no snapshot)'
 
     def _train_steps(self):
         """minibatch_repeats rounds of D_repeats D steps and one G step; stops early on a signal.

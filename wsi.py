@@ -9,6 +9,7 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
@@ -39,6 +40,8 @@ BLANK_CHECK_SAMPLES = 32      # per side: the blank check looks at this grid of 
 MAX_PROBLEM_DETAILS_PER_TICK = 1000   # lines kept for read-problems.txt between two tick reports
 STAIN_FIT_PATCHES = 16        # per slide, to fit its stain normalisation
 STAIN_FIT_SIZE = 256          # patch side those are read at (the LOD-0 field of view)
+MPP_PLAUSIBLE = (0.05, 10.0)  # um/px microscopes produce; a value outside is a unit mix-up, not a scale
+MIN_FIELD_OF_VIEW = 16        # level-0 px per patch side: 4 per pixel of the coarsest (4x4) patch
 
 
 class NoUsableSlidesError(ValueError):
@@ -63,7 +66,61 @@ def find_slides(slide_dir, wsi_ext='.svs', recursive=False):
         paths += [os.path.join(root, f) for f in files if f.lower().endswith(exts)]
         if not recursive:
             break
-    return sorted(paths)
+    return collapse_dicom_series(sorted(paths))
+
+
+def is_dicom_file(path):
+    """Whether a file carries DICOM's marker ('DICM' after the 128-byte preamble)."""
+    try:
+        with open(path, 'rb') as f:
+            f.seek(128)
+            return f.read(4) == b'DICM'
+    except OSError:
+        return False
+
+
+def dicom_series_uid(path):
+    """The SeriesInstanceUID of a DICOM file (its header only), or None when it has none or does not parse."""
+    import pydicom
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=['SeriesInstanceUID'])
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError):
+        return None
+    return str(header.get('SeriesInstanceUID', '')) or None
+
+
+def collapse_dicom_series(paths):
+    """paths with the files of one DICOM WSI (one series in one folder: OpenSlide opens the whole
+    slide from any of them) reduced to the first; other files as they are."""
+    seen, kept = set(), []
+    for path in paths:
+        series = dicom_series_uid(path) if is_dicom_file(path) else None
+        key = (os.path.dirname(path), series)
+        if series is None or key not in seen:
+            seen.add(key)
+            kept.append(path)
+    return kept
+
+
+def slide_name(path):
+    """The name labels and region files give a slide: its file name, or for a DICOM WSI its
+    folder's name when that folder holds this series only, else its SeriesInstanceUID."""
+    series = dicom_series_uid(path) if is_dicom_file(path) else None
+    if series is None:
+        return os.path.basename(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.basename(folder) if _series_in_folder(folder) == {series} else series
+
+
+def _series_in_folder(folder):
+    """The SeriesInstanceUIDs of the DICOM files in a folder, remembered per folder state."""
+    return _series_in_folder_state(folder, os.stat(folder).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _series_in_folder_state(folder, _mtime_ns):
+    paths = [os.path.join(folder, name) for name in os.listdir(folder)]
+    return {dicom_series_uid(p) for p in paths if os.path.isfile(p) and is_dicom_file(p)}
 
 
 def guess_dataset_class(folder, wsi_ext='.svs', recursive=False):
@@ -108,35 +165,79 @@ def read_label_npy(label_file, slide_paths):
     return indices, [str(k) for k in range(num_classes)]
 
 
+SLIDE_COLUMNS = ('slide_id', 'slide', 'filename', 'file')     # header names a label sheet's slide column may have
+CLASS_COLUMNS = ('label', 'class', 'target')
+
+
+@dataclasses.dataclass
+class LabelSheet:
+    """(slide name, class) rows of a label CSV, and how the slide name was found (for messages)."""
+    path: str
+    rows: list
+    slide_column: str
+    header_read: bool       # False: a first row naming no slide is taken for a header and skipped
+
+
 def read_label_csv(label_file):
-    """(slide name, class) rows of a CSV, a header row included (assign_classes skips it)."""
-    with open(label_file, newline='', encoding='utf-8-sig') as f:
-        rows = [r for r in csv.reader(f) if r and any(field.strip() for field in r)]
-    bad = [r for r in rows if len(r) < 2]
-    if bad:
-        raise ValueError(f'{label_file}: every row needs a slide name and a class, got {bad[0]}')
-    return [(r[0].strip(), r[1].strip()) for r in rows]
+    """The rows of a label CSV. With a header naming a slide column (SLIDE_COLUMNS) and a class
+    column (CLASS_COLUMNS), those two are read and others (CLAM's case_id, a pandas index) are
+    ignored; otherwise column 0 is the slide and column 1 the class, and a header row of other
+    names is skipped later because it names no slide."""
+    try:
+        with open(label_file, newline='', encoding='utf-8-sig') as f:
+            rows = [r for r in csv.reader(f) if r and any(field.strip() for field in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f'{label_file}: not a UTF-8 CSV of slide names and classes ({e})') from None
+    header = [name.strip().lower() for name in rows[0]] if rows else []
+    slide_at, class_at = _column_of(header, SLIDE_COLUMNS), _column_of(header, CLASS_COLUMNS)
+    if (slide_at is None) != (class_at is None):
+        missing = 'slide' if slide_at is None else 'class'
+        names = SLIDE_COLUMNS if slide_at is None else CLASS_COLUMNS
+        raise ValueError(f'{label_file}: its header {rows[0]} has no {missing} column; name it one of {", ".join(names)}')
+    if slide_at is None:
+        slide_at, class_at, described, header_read = 0, 1, 'column 0 (no slide_id/label header)', False
+    else:
+        rows, described, header_read = rows[1:], f'column {slide_at} ({header[slide_at]!r})', True
+    short = [r for r in rows if len(r) <= max(slide_at, class_at)]
+    if short:
+        raise ValueError(f'{label_file}: every row needs a slide name and a class, got {short[0]}')
+    return LabelSheet(label_file, [(r[slide_at].strip(), r[class_at].strip()) for r in rows], described, header_read)
 
 
-def assign_classes(slide_paths, slide_dir, label_rows):
+def _column_of(header, names):
+    """Index of the first of `names` in a lower-cased header row, or None."""
+    return next((header.index(name) for name in names if name in header), None)
+
+
+def assign_classes(slide_paths, slide_dir, sheet):
     """Class index per slide (-1 = no label) and the sorted class names. A slide is named in
-    the CSV by its path relative to slide_dir, its file name, or its file name without
-    extension. The first row is a header when it names no slide."""
+    the CSV by its path relative to slide_dir, its file name, its file name without extension,
+    or for a DICOM slide its series name (see slide_name). The first row is a header when it
+    names no slide. A sheet naming none of the slides is an error that shows how it was read."""
     keys = {}
     for i, path in enumerate(slide_paths):
-        rel = os.path.relpath(path, slide_dir)
-        name = os.path.basename(path)
-        for key in (rel, name, os.path.splitext(name)[0]):
+        for key in slide_keys(path, slide_dir):
             keys.setdefault(key, i)
-    if label_rows and label_rows[0][0] not in keys:
-        label_rows = label_rows[1:]
-    class_names = sorted({c for _, c in label_rows})
+    rows = sheet.rows
+    if not sheet.header_read and rows and rows[0][0] not in keys:
+        rows = rows[1:]
+    class_names = sorted({c for _, c in rows})
     class_of = {c: k for k, c in enumerate(class_names)}
     indices = np.full(len(slide_paths), -1, np.int64)
-    for name, cls in label_rows:
+    for name, cls in rows:
         if name in keys:
             indices[keys[name]] = class_of[cls]
+    if rows and slide_paths and (indices < 0).all():
+        raise ValueError(f'{sheet.path}: names none of the {len(slide_paths)} slides in {slide_dir}. The slide name was '
+                         f'read from {sheet.slide_column}, e.g. {rows[0][0]!r} in row {list(rows[0])}; slides here are '
+                         f'named like {slide_name(slide_paths[0])!r} (with or without extension)')
     return indices, class_names
+
+
+def slide_keys(path, slide_dir):
+    """The names a label sheet or region file may give a slide."""
+    name = os.path.basename(path)
+    return (os.path.relpath(path, slide_dir), name, os.path.splitext(name)[0], slide_name(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +470,7 @@ def inspect_slide(path, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_
     try:
         props = handle.properties
         info.vendor = props.get(openslide.PROPERTY_NAME_VENDOR, '')
-        info.mpp = float(props[openslide.PROPERTY_NAME_MPP_X]) if openslide.PROPERTY_NAME_MPP_X in props else None
+        info.mpp, info.warning = plausible_mpp(props.get(openslide.PROPERTY_NAME_MPP_X))
         info.level_dimensions = tuple(handle.level_dimensions)
         info.level_downsamples = tuple(handle.level_downsamples)
         info.field_of_view, info.problem = scaled_field_of_view(info.mpp, field_of_view, patch_um, default_mpp)
@@ -379,7 +480,8 @@ def inspect_slide(path, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_
                             f'field of view of a patch at every LOD')
         if info.problem:
             return info
-        mask, info.warning = load_or_build_mask(handle, path, mask_cache_dir or default_mask_cache_dir())
+        mask, cache_warning = load_or_build_mask(handle, path, mask_cache_dir or default_mask_cache_dir())
+        info.warning = '; '.join(w for w in (info.warning, cache_warning) if w) or None
     except (openslide.OpenSlideError, OSError) as e:
         info.problem = f'reading it failed ({type(e).__name__}: {e})'
         return info
@@ -396,16 +498,38 @@ def inspect_slide(path, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_
     return info
 
 
+def plausible_mpp(recorded):
+    """(MPP in um/px or None, warning or None) from a slide's recorded MPP property (a string or
+    None). A value no microscope produces is treated as missing, with a warning: a generic TIFF
+    from a general image tool records its resolution in dpi, and 72 dpi reads as 352.8 um/px."""
+    if recorded is None:
+        return None, None
+    try:
+        mpp = float(recorded)
+    except ValueError:
+        return None, f'its MPP {recorded!r} is not a number; it is treated as having no MPP'
+    low, high = MPP_PLAUSIBLE
+    if low <= mpp <= high:
+        return mpp, None
+    return None, (f'its metadata give {mpp:.4g} um/px, outside the {low:g}-{high:g} um/px microscopes produce '
+                  f'(likely resolution tags in dpi, as general image tools write them); it is treated as having '
+                  f'no MPP, so default_mpp applies')
+
+
 def scaled_field_of_view(mpp, field_of_view=None, patch_um=None, default_mpp=None):
     """(level-0 pixels a patch covers, problem or None): field_of_view as given, or patch_um
-    divided by the slide's MPP (or default_mpp when the slide records none)."""
-    if patch_um is None:
-        return field_of_view, None
-    mpp = mpp or default_mpp
-    if not mpp:
-        return None, ('its metadata give no microns per pixel (MPP), needed for patch_um: '
-                      'set default_mpp, or give downsample instead of patch_um')
-    return patch_um / mpp, None
+    divided by the slide's MPP (or default_mpp when the slide records none). A field of view
+    under MIN_FIELD_OF_VIEW pixels would stretch a few pixels over a whole patch: a problem."""
+    if patch_um is not None:
+        mpp = mpp or default_mpp
+        if not mpp:
+            return None, ('its metadata give no microns per pixel (MPP), needed for patch_um: '
+                          'set default_mpp, or give downsample instead of patch_um')
+        field_of_view = patch_um / mpp
+    if field_of_view is not None and field_of_view < MIN_FIELD_OF_VIEW:
+        return field_of_view, (f'a patch would cover {field_of_view:.3g} level-0 pixels a side, under the '
+                               f'{MIN_FIELD_OF_VIEW} that give each pixel of the coarsest 4x4 patch real detail')
+    return field_of_view, None
 
 
 def inspect_slides(paths, mask_cache_dir=None, min_tissue_fraction=0.01, field_of_view=None,
@@ -430,8 +554,39 @@ def mixed_magnification_warning(infos, tolerance=0.1):
 # ----------------------------------------------------------------------------------------------
 # Annotated regions (QuPath GeoJSON exports).
 
+ROI_EXTENSIONS = ('.geojson', '.json')
+REGION_OBJECT_TYPES = ('annotation', '')    # QuPath objectType of regions; '' = no objectType
+MAX_REGION_FILE_BYTES = 1 << 30   # a QuPath export with a million cells is a few hundred MB
+
+
 def roi_path(slide_path, roi_dir):
+    """Where a slide's region file is written by default: roi_dir/<name without extension>.geojson."""
     return os.path.join(roi_dir, os.path.splitext(os.path.basename(slide_path))[0] + '.geojson')
+
+
+def roi_candidates(slide_path, roi_dir):
+    """The names a slide's region file may have in roi_dir: QuPath export scripts name it after the
+    image with or without its extension ('case 12.geojson', 'case 12.svs.geojson'), as .geojson or
+    .json; a DICOM slide also after its series name."""
+    name = os.path.basename(slide_path)
+    stems = dict.fromkeys([os.path.splitext(name)[0], name, slide_name(slide_path)])
+    return [os.path.join(roi_dir, stem + ext) for stem in stems for ext in ROI_EXTENSIONS]
+
+
+def find_roi_file(slide_path, roi_dir):
+    """The slide's region file in roi_dir, or None; two candidates at once are an error."""
+    found = [path for path in roi_candidates(slide_path, roi_dir) if os.path.isfile(path)]
+    if len(found) > 1:
+        raise ValueError(f'{slide_path} has {len(found)} region files: {" and ".join(found)}; keep one')
+    return found[0] if found else None
+
+
+def similar_roi_files(slide_path, roi_dir):
+    """Files in roi_dir whose names come close to the slide's (for a 'no file' message)."""
+    names = os.listdir(roi_dir) if os.path.isdir(roi_dir) else []
+    wanted = os.path.splitext(os.path.basename(slide_path))[0]
+    stems = {os.path.splitext(name)[0]: name for name in names}
+    return [stems[s] for s in difflib.get_close_matches(wanted, list(stems), n=3, cutoff=0.6)]
 
 
 def feature_class(feature):
@@ -444,34 +599,117 @@ def feature_class(feature):
     return str(classification or props.get('name') or '')
 
 
-def load_regions(path, labels=None):
-    """The union (shapely, level-0 pixels) of the Polygon and MultiPolygon features of a GeoJSON
-    FeatureCollection or list of features, only those whose class is in labels when given;
-    None when none qualify."""
-    import shapely.geometry
+def check_roi_labels(labels):
+    """roi_labels is None or a collection of class names. A plain string is refused: `name in
+    'Tumor'` would also take 'Tum' and unclassified regions ('')."""
+    if isinstance(labels, (str, bytes)):
+        raise ValueError(f'roi_labels must be a list of class names, got the string {labels!r}: write [{labels!r}]')
+    if labels is not None and not all(isinstance(label, str) for label in labels):
+        raise ValueError(f'roi_labels must be a list of class names (strings), got {labels!r}')
+
+
+@dataclasses.dataclass
+class RegionFile:
+    """What load_regions makes of a region file: the region, and what it skipped or repaired."""
+    region: object = None                           # shapely geometry, None when no polygon qualifies
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)   # objectType -> count
+    repaired: list = dataclasses.field(default_factory=list)    # 'feature N: why' per repaired geometry
+
+    def notes(self):
+        """One line on skipped objects and repaired geometries, or ''."""
+        notes = []
+        if self.skipped:
+            counts = ', '.join(f'{n} {kind}' for kind, n in sorted(self.skipped.items()))
+            notes.append(f'skipped {counts} object(s) (roi_detections=True takes them as regions)')
+        if self.repaired:
+            notes.append(f'repaired invalid geometry of {"; ".join(self.repaired)}')
+        return '; '.join(notes)
+
+
+def read_regions(path, labels=None, detections=False):
+    """RegionFile of a GeoJSON FeatureCollection or list of Features: the union (shapely, level-0
+    pixels) of its Polygon and MultiPolygon features, only annotation objects unless detections
+    (cells, detections, tiles too), only those whose class is in labels when given. Invalid
+    polygons are repaired with make_valid and reported; what cannot be read is refused."""
     import shapely.ops
-    import shapely.validation
+    check_roi_labels(labels)
+    features = _read_features(path)
+    result, shapes = RegionFile(), []
+    for index, feature in enumerate(features):
+        if not isinstance(feature, dict):
+            raise ValueError(f'{path}: feature {index} is a {type(feature).__name__}, not a GeoJSON Feature object')
+        geometry = feature.get('geometry')
+        if not isinstance(geometry, (dict, type(None))):
+            raise ValueError(f'{path}: feature {index} has a geometry that is a {type(geometry).__name__}, not an object')
+        if not geometry or geometry.get('type') not in ('Polygon', 'MultiPolygon'):
+            continue
+        kind = _object_type(path, index, feature)
+        if kind not in REGION_OBJECT_TYPES and not detections:
+            result.skipped[kind] += 1
+            continue
+        if labels is not None and feature_class(feature) not in labels:
+            continue
+        shapes.append(_polygon_of(path, index, geometry, result.repaired))
+    region = shapely.ops.unary_union(shapes) if shapes else None
+    result.region = region if region is not None and region.area > 0 else None
+    return result
+
+
+def load_regions(path, labels=None, detections=False):
+    """The region of read_regions alone: a shapely geometry, None when no polygon qualifies."""
+    return read_regions(path, labels, detections).region
+
+
+def _read_features(path):
+    """The list of features of a GeoJSON file, refused with a message when it is too large, not
+    JSON, nested beyond what the parser takes, or not a FeatureCollection / list of Features."""
+    size = os.path.getsize(path)
+    if size > MAX_REGION_FILE_BYTES:
+        raise ValueError(f'{path}: {size / 2**20:.0f} MB, more than the {MAX_REGION_FILE_BYTES / 2**20:.0f} MB a region '
+                         f'file may have; export only the annotations (not cells or detections)')
     with open(path, encoding='utf-8') as f:
         try:
             data = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f'{path}: not valid GeoJSON ({e}); export annotations from QuPath as GeoJSON') from None
+        except RecursionError:
+            raise ValueError(f'{path}: nested too deeply to be GeoJSON; export annotations from QuPath as GeoJSON') from None
     if isinstance(data, dict):
         features = data.get('features', [data] if data.get('type') == 'Feature' else None)
     else:
         features = data
     if not isinstance(features, list):
         raise ValueError(f'{path}: expected a GeoJSON FeatureCollection or a list of Features')
-    shapes = []
-    for feature in features:
-        geometry = feature.get('geometry') if isinstance(feature, dict) else None
-        if not geometry or geometry.get('type') not in ('Polygon', 'MultiPolygon'):
-            continue
-        if labels is not None and feature_class(feature) not in labels:
-            continue
-        shapes.append(shapely.validation.make_valid(shapely.geometry.shape(geometry)))
-    region = shapely.ops.unary_union(shapes) if shapes else None
-    return region if region is not None and region.area > 0 else None
+    return features
+
+
+def _object_type(path, index, feature):
+    """A feature's QuPath objectType ('annotation', 'cell', 'detection', ...), '' when it has none."""
+    props = feature.get('properties') or {}
+    if not isinstance(props, dict):
+        raise ValueError(f'{path}: feature {index} has properties that are a {type(props).__name__}, not an object')
+    kind = props.get('objectType') or feature.get('objectType') or ''
+    return str(kind).lower()
+
+
+def _polygon_of(path, index, geometry, repaired):
+    """A valid shapely geometry of a Polygon / MultiPolygon GeoJSON geometry; an invalid one
+    (self-intersecting, say) is repaired with make_valid and noted in repaired; unreadable or
+    non-finite coordinates are refused naming the file and the feature."""
+    import shapely.geometry
+    import shapely.validation
+    try:
+        shape = shapely.geometry.shape(geometry)
+        coordinates = shapely.get_coordinates(shape)
+    except (ValueError, TypeError, AttributeError, IndexError, RecursionError,
+            shapely.errors.ShapelyError) as e:
+        raise ValueError(f'{path}: feature {index} has a {geometry.get("type")} that cannot be read ({e})') from None
+    if not np.isfinite(coordinates).all():
+        raise ValueError(f'{path}: feature {index} has coordinates that are not finite numbers (NaN or infinity)')
+    if shape.is_valid:
+        return shape
+    repaired.append(f'feature {index} ({shapely.validation.explain_validity(shape)})')
+    return shapely.validation.make_valid(shape)
 
 
 def polygons_of(geometry):
@@ -494,22 +732,40 @@ def rasterise_regions(region, mask_shape, mask_scale):
     return raster
 
 
-def restrict_to_regions(info, roi_dir, labels=None, whole_tissue_without_file=False):
-    """Limit a usable slide's patch centres to its annotated regions (roi_dir/<name>.geojson),
-    or say why it is left out."""
-    path = roi_path(info.path, roi_dir)
-    if not os.path.isfile(path):
+def restrict_to_regions(info, roi_dir, labels=None, whole_tissue_without_file=False, detections=False):
+    """Limit a usable slide's patch centres to its annotated regions (its file in roi_dir, see
+    roi_candidates), or say why it is left out."""
+    check_roi_labels(labels)
+    path = find_roi_file(info.path, roi_dir)
+    if path is None:
         if not whole_tissue_without_file:
-            info.problem = f'no annotation file {path} (roi_missing="tissue" samples its whole tissue instead)'
+            close = similar_roi_files(info.path, roi_dir)
+            hint = f'; files with similar names there: {", ".join(close)}' if close else ''
+            info.problem = (f'no annotation file {roi_path(info.path, roi_dir)} (nor .json, nor named with the slide\'s '
+                            f'extension){hint} (roi_missing="tissue" samples its whole tissue instead)')
         return
-    info.region = load_regions(path, labels)
+    regions = read_regions(path, labels, detections)
+    notes = regions.notes()
+    if notes:
+        info.warning = '; '.join(w for w in (info.warning, f'{path}: {notes}') if w)
     wanted = f' of class {", ".join(labels)}' if labels is not None else ''
-    if info.region is None:
-        info.problem = f'{path} has no polygon{wanted}'
+    if regions.region is None:
+        info.problem = f'{path} has no polygon{wanted}' + (f' ({notes})' if notes else '')
         return
+    if not regions.region.intersects(shapely_box(info.dimensions)):
+        x0, y0, x1, y1 = regions.region.bounds
+        info.problem = (f'its regions in {path} ({x0:.0f}, {y0:.0f})-({x1:.0f}, {y1:.0f}) lie outside the slide\'s '
+                        f'{info.dimensions[0]}x{info.dimensions[1]} level-0 pixels (exported from another image?)')
+        return
+    info.region = regions.region
     info.tissue = info.tissue.within(rasterise_regions(info.region, info.mask_shape, info.mask_scale))
     if info.tissue.count == 0:
         info.problem = f'its regions{wanted} in {path} hold no tissue'
+
+
+def shapely_box(dimensions):
+    import shapely.geometry
+    return shapely.geometry.box(0, 0, *dimensions)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -107,3 +107,22 @@ def test_a_fork_config_trains_through_two_lods(fork_slides, tmp_path):
     lods = [lod for _, lod in tick_lines(run_dir)]
     assert lods[0] == 1.0 and lods[-1] == 0.0 and any(0.0 < lod < 1.0 for lod in lods)
     assert os.path.isfile(os.path.join(run_dir, 'network-final.pkl'))
+
+
+def test_the_forks_config_with_its_active_generate_fake_images_line_fails_before_tensorflow(fork_slides, tmp_path):
+    import subprocess
+    import sys
+    from train_helpers import REPO
+    results = tmp_path / 'results'
+    (results / '003-earlier-run').mkdir(parents=True)
+    config = write_config(tmp_path / 'fork.py', results, desc='fork', data_dir=os.path.dirname(fork_slides),
+                          dataset=dict(tfrecord_dir=os.path.basename(fork_slides), resolution=8, downsample=8))
+    with open(config, 'a') as f:      # as the fork ships it: a utility line left active at the end
+        f.write("train = EasyDict(func='util_scripts.generate_fake_images', run_id=10, num_pngs=1000); num_gpus = 1; "
+                "desc = 'fake-images-' + str(train.run_id)\n")
+    result = subprocess.run([sys.executable, '-X', 'importtime', 'train.py', config], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'Configuration error: train.run_id = 10 (for util_scripts.generate_fake_images) names no run' in result.stderr
+    assert '003-earlier-run' in result.stderr
+    assert 'import time:' in result.stderr and '| tensorflow\n' not in result.stderr   # failed before TensorFlow loaded

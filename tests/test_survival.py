@@ -328,3 +328,18 @@ def test_gpu_count_check(tmp_path):
     checks.validate_training_setup(cfg=cfg, gpu_counter=lambda: 4)
     checks.validate_training_setup(cfg=cfg, gpu_counter=lambda: 0)     # GPU-less: virtual CPU devices.
     assert time.time() - start < 10.0
+
+
+def test_sigterm_with_bad_losses_before_the_first_snapshot_says_there_is_none_yet(capsys):
+    import train
+    run = types.SimpleNamespace(
+        stop_request=(signal.SIGTERM, 0), node=types.SimpleNamespace(count=1, is_chief=True),
+        train_start_time=time.time(), cur_nimg=96, cur_tick=0, writer=None,
+        health=types.SimpleNamespace(current_tick_bad=lambda: True), summary_log=types.SimpleNamespace(close=lambda: None))
+    run._last_snapshot = types.MethodType(train._TrainingRun._last_snapshot, run)
+    with pytest.raises(SystemExit) as exited:
+        train._TrainingRun._snapshot_and_exit(run)
+    assert exited.value.code == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    assert 'SIGTERM at kimg 0.096: losses are not finite, so no snapshot is written; the last good one is none yet ' \
+           '(this run has written no snapshot)' in out and 'None' not in out

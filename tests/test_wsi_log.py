@@ -71,6 +71,16 @@ def test_importing_tensorflow_prints_no_cuda_error_lines_without_a_driver():
         assert not re.search(r'cuda', result.stderr, re.I), result.stderr
 
 
+def test_tensorflows_start_up_lines_stay_out_on_cpu_unless_the_user_sets_the_log_level():
+    code = 'from tf_compat import tf; tf.Session().close(); print("ok")'
+    env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+    quiet = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert quiet.stdout.strip() == 'ok' and quiet.stderr == '', quiet.stderr
+    asked = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env=dict(env, TF_CPP_MIN_LOG_LEVEL='0'))
+    assert asked.stdout.strip() == 'ok' and 'cpu_feature_guard' in asked.stderr, asked.stderr
+
+
 @pytest.mark.slow
 def test_demo_config_full_run_prints_at_most_5_lines_of_read_warnings(tmp_path):
     # The shipped config.py as it is, with its data and result folders moved into tmp_path.
