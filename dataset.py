@@ -73,8 +73,9 @@ class Dataset:
         """Training-time augmentation of a minibatch of reals; by default none, and no ops."""
         return images
 
-    def write_overview(self, result_subdir):
-        """Pictures of where the data comes from, into the run directory; by default none."""
+    def write_overview(self, result_subdir, pictures=True):
+        """Pictures of where the data comes from, into the run directory (pictures=False: a resumed
+        run, whose first run has them); by default none."""
 
     def tick_report(self):
         """Lines to print at the end of each training tick (e.g. read problems); by default none."""
@@ -410,10 +411,12 @@ class WSIDataset(Dataset):
     def get_random_labels_np(self, minibatch_size):
         return self.sampler.random_labels(minibatch_size)
 
-    def write_overview(self, result_subdir):
-        """Pictures of what is sampled from each slide and the stain target, into the run
-        directory, where read-problems.txt collects the details of failed reads from now on."""
-        self.sampler.write_overview(os.path.join(result_subdir, 'slide-overviews'))
+    def write_overview(self, result_subdir, pictures=True):
+        """Pictures of what is sampled from a sample of the slides (pictures=False: none, as for a
+        resumed run) and the stain target, into the run directory, where read-problems.txt collects
+        the details of failed reads from now on."""
+        if pictures:
+            self.sampler.write_overview(os.path.join(result_subdir, 'slide-overviews'))
         if self.sampler.stain_norm is not None:
             self.sampler.write_stain_target(os.path.join(result_subdir, 'stain-target.png'))
         self.sampler.problems_path = os.path.join(result_subdir, 'read-problems.txt')

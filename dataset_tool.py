@@ -529,6 +529,20 @@ def inspect_slides(slide_dir, wsi_ext=('.svs',), recursive=False, resolution=Non
     return infos
 
 
+def slide_overviews(slide_dir, out_dir, wsi_ext=('.svs',), recursive=False, resolution=512, downsample=None,
+                    patch_um=None, default_mpp=None, roi_dir=None, mask_cache_dir=None):
+    """One overview PNG per usable slide (thumbnail, tissue outline, regions, patch boxes) into
+    out_dir, drawn by reader processes: a training run draws them for a sample of the slides only."""
+    if patch_um is not None and downsample is not None:
+        raise SystemExit('Give --patch_um or --downsample, not both')
+    with patch_sampler.PatchSampler(slide_dir, wsi_ext=list(wsi_ext), resolution=resolution, downsample=downsample or 4,
+                                    patch_um=patch_um, default_mpp=default_mpp, recursive=recursive, roi_dir=roi_dir,
+                                    roi_missing='tissue', mask_cache_dir=mask_cache_dir) as sampler:
+        paths = sampler.write_overview(out_dir, limit=None)
+    print(f'Wrote {len(paths)} overviews into {out_dir}')
+    return paths
+
+
 def format_slide_info(info, slide_dir, resolution=None):
     lines = [os.path.relpath(info.path, slide_dir)]
     if info.level_dimensions:
@@ -595,6 +609,18 @@ def parse_args(argv):
         p.add_argument('--default_mpp', type=float, default=None, help='with --patch_um: um/px of slides without MPP')
         p.add_argument('--mask_cache_dir', default=None)
         p.add_argument('--min_tissue_fraction', type=float, default=0.01)
+
+    p = commands.add_parser('slide_overviews', help='Overview PNGs of every slide (a run writes them for a sample).')
+    p.add_argument('slide_dir')
+    p.add_argument('out_dir')
+    p.add_argument('--wsi_ext', nargs='+', default=['.svs'])
+    p.add_argument('--recursive', action='store_true')
+    p.add_argument('--resolution', type=int, default=512)
+    p.add_argument('--downsample', type=number, default=None, help='default 4, unless --patch_um is given')
+    p.add_argument('--patch_um', type=number, default=None, help='micrometres a patch covers (instead of --downsample)')
+    p.add_argument('--default_mpp', type=float, default=None, help='with --patch_um: um/px of slides without MPP')
+    p.add_argument('--roi_dir', default=None, help='folder of QuPath GeoJSON exports: their regions are drawn')
+    p.add_argument('--mask_cache_dir', default=None)
 
     add_original_commands(commands)
 
@@ -667,6 +693,9 @@ def main(argv=None):
     elif args.command in ('inspect_slides', 'info'):
         inspect_slides(args.slide_dir, args.wsi_ext, args.recursive, args.resolution, args.downsample,
                        args.mask_cache_dir, args.min_tissue_fraction, args.patch_um, args.default_mpp)
+    elif args.command == 'slide_overviews':
+        slide_overviews(args.slide_dir, args.out_dir, args.wsi_ext, args.recursive, args.resolution, args.downsample,
+                        args.patch_um, args.default_mpp, args.roi_dir, args.mask_cache_dir)
     elif args.command == 'display':
         display(args.tfrecord_dir, args.out, args.count)
     elif args.command in ORIGINAL_COMMANDS:

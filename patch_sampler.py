@@ -233,7 +233,7 @@ class PatchSampler:
 
     def close(self):
         if self._pool is not None:
-            self._pool.broadcast(forget_reader, self._control.key)
+            forget_reader(self._control.key)    # the reader num_readers=0 kept in this process
             self._pool.close()
             self._pool = None
             self._control.close()
@@ -634,7 +634,7 @@ def draw_overview(job):
         corner = (round(x0 * scale), round(y0 * scale))
         far = (round((x0 + fov) * scale), round((y0 + fov) * scale))
         cv2.rectangle(picture, corner, far, (220, 0, 0), 2)
-    name = os.path.join(out_dir, f'overview-{slide_index:03d}-{os.path.basename(path)}')
+    name = os.path.join(out_dir, f'overview-{slide_index:03d}-{wsi.slide_name(path)}')
     wsi.write_png(name + '.png', cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     if reader.transforms is None or reader.transforms[slide_index] is None:
         return [name + '.png']

@@ -282,8 +282,8 @@ class _TrainingRun:
         misc.save_image_grid(self.grid_reals, self._path('reals.png'), drange=drange_data, grid_size=self.grid_size)
         self._save_fakes(first_fakes, int(self.resume_kimg))
         save_augmented_reals(self.training_set, self.grid_reals, self._path('reals-augmented.png'), self.grid_size)
-        if hasattr(self.training_set, 'write_overview'):
-            self.training_set.write_overview(self.result_subdir)
+        if hasattr(self.training_set, 'write_overview'):     # not again on resume: at 10,000 slides it takes hours
+            self.training_set.write_overview(self.result_subdir, pictures=self.resume is None)
         self.summary_log = tf.summary.FileWriter(self.result_subdir)
         if self.opts.save_tf_graph:
             self.summary_log.add_graph(tf.get_default_graph())
